@@ -1,0 +1,64 @@
+"""Spectral parametrization of convolution kernels (Ballé, PCS 2018) for PyTorch, and the ``spectral`` CLI.
+
+The public names are loaded on first use, so ``import spectral_cli`` (and ``spectral --help``) does not
+import torch.
+
+Example:
+    >>> import torch
+    >>> from spectral_cli import register_spectral_parametrization
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+    >>> register_spectral_parametrization(net).changed
+    ('0',)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "SpectralParametrization": "parametrization",
+    "register_spectral_parametrization": "parametrization",
+    "Registration": "parametrization",
+    "SpectralError": "errors",
+    "AmbiguousKernelSizeError": "errors",
+    "to_spatial": "bases",
+    "to_spectral": "bases",
+    "BASES": "bases",
+    "convert_state_dict": "surgery",
+    "bake_state_dict": "surgery",
+    "describe_state_dict": "surgery",
+}
+
+__all__ = [
+    "BASES",
+    "AmbiguousKernelSizeError",
+    "Registration",
+    "SpectralError",
+    "SpectralParametrization",
+    "__version__",
+    "bake_state_dict",
+    "convert_state_dict",
+    "describe_state_dict",
+    "register_spectral_parametrization",
+    "to_spatial",
+    "to_spectral",
+]
+
+if TYPE_CHECKING:
+    from .bases import BASES, to_spatial, to_spectral
+    from .errors import AmbiguousKernelSizeError, SpectralError
+    from .parametrization import Registration, SpectralParametrization, register_spectral_parametrization
+    from .surgery import bake_state_dict, convert_state_dict, describe_state_dict
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

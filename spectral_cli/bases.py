@@ -1,0 +1,203 @@
+"""The two spectral bases, as precomputed real matrices.
+
+``rfft``
+    The layout of pytorch-parametrizations 1.0.0 (and of CompressAI / tensorflow_compression's RDFT parameter):
+    ``X = stack((C.real, C.imag))`` with ``C = rfftn(W, s=kernel_size, norm="ortho")`` over the last
+    ``len(kernel_size)`` dims. ``X`` has shape ``(2, *W.shape[:-1], kernel_size[-1] // 2 + 1)``.
+``rdft``
+    The orthonormal real DFT of Ballé (PCS 2018): per kernel axis the packed real DFT
+    ``[y0, Re y1, Im y1, Re y2, ...]`` scaled to be orthonormal, combined over axes by a Kronecker product.
+    ``X`` has the shape of ``W``.
+
+Both maps are linear, so each is applied as one matrix product over the flattened kernel. The matrices are
+built in float64 from closed-form cosines and sines (independent of ``torch.fft``; the tests compare the two)
+and cached per basis, kernel size, dtype and device. Half-precision tensors are computed in float32 and cast
+back, so a tensor keeps its dtype.
+
+Conventions (row vectors, one flattened kernel per row): ``spatial = spectral @ synthesis`` and
+``spectral = spatial @ analysis``.
+
+Example:
+    >>> import torch
+    >>> from spectral_cli.bases import to_spectral, to_spatial
+    >>> w = torch.randn(8, 4, 3, 3)
+    >>> x = to_spectral(w, (3, 3), "rfft")
+    >>> tuple(x.shape)
+    (2, 8, 4, 3, 2)
+    >>> torch.allclose(to_spatial(x, (3, 3), "rfft"), w, atol=1e-6)
+    True
+    >>> tuple(to_spectral(w, (3, 3), "rdft").shape)
+    (8, 4, 3, 3)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import torch
+
+from .errors import SpectralError
+
+Basis = Literal["rfft", "rdft"]
+BASES: tuple[str, ...] = ("rfft", "rdft")
+DEFAULT_BASIS: Basis = "rfft"
+
+_EXACT_DTYPES = (torch.float32, torch.float64)
+
+
+class Matrices(NamedTuple):
+    """``synthesis`` maps spectral rows to spatial rows, ``analysis`` the reverse.
+
+    For ``rfft`` both carry a leading dimension of 2 (real plane, imaginary plane).
+    """
+
+    synthesis: torch.Tensor
+    analysis: torch.Tensor
+
+
+def check_basis(basis: str) -> Basis:
+    """Return ``basis`` if it names a basis, else raise :class:`SpectralError`."""
+    if basis not in BASES:
+        raise SpectralError(f"unknown basis {basis!r}: use one of {', '.join(repr(b) for b in BASES)}")
+    return basis  # type: ignore[return-value]
+
+
+def check_kernel_size(kernel_size: Sequence[int] | torch.Size) -> tuple[int, ...]:
+    """Return ``kernel_size`` as a tuple of 1 to 3 positive ints, else raise :class:`SpectralError`."""
+    if isinstance(kernel_size, int) or not isinstance(kernel_size, Sequence):
+        raise SpectralError(f"kernel_size must be a tuple of 1 to 3 ints such as conv.kernel_size, got {kernel_size!r}")
+    ks = tuple(kernel_size)
+    if not 1 <= len(ks) <= 3 or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
+        raise SpectralError(f"kernel_size must be 1 to 3 positive ints, got {kernel_size!r}")
+    return ks
+
+
+def spectral_kernel_shape(kernel_size: tuple[int, ...], basis: Basis) -> tuple[int, ...]:
+    """The trailing dims a spectral tensor has for ``kernel_size``."""
+    if basis == "rfft":
+        return (*kernel_size[:-1], kernel_size[-1] // 2 + 1)
+    return kernel_size
+
+
+def spectral_shape(weight_shape: Sequence[int], kernel_size: tuple[int, ...], basis: Basis) -> tuple[int, ...]:
+    """Shape of the spectral tensor that stores a weight of ``weight_shape``."""
+    lead = tuple(weight_shape[: len(weight_shape) - len(kernel_size)])
+    if basis == "rfft":
+        return (2, *lead, *spectral_kernel_shape(kernel_size, basis))
+    return (*lead, *kernel_size)
+
+
+def spatial_shape(stored_shape: Sequence[int], kernel_size: tuple[int, ...], basis: Basis) -> tuple[int, ...]:
+    """Shape of the weight a spectral tensor of ``stored_shape`` stands for."""
+    lead = tuple(stored_shape[1 if basis == "rfft" else 0 : len(stored_shape) - len(kernel_size)])
+    return (*lead, *kernel_size)
+
+
+def _packed_rdft_1d(n: int) -> torch.Tensor:
+    """Orthonormal n-by-n analysis matrix of the packed real DFT (rows are frequencies)."""
+    t = torch.arange(n, dtype=torch.float64)
+    rows = [torch.full((n,), 1.0 / math.sqrt(n), dtype=torch.float64)]
+    for k in range(1, (n - 1) // 2 + 1):
+        angle = 2 * math.pi * k * t / n
+        rows.append(math.sqrt(2.0 / n) * torch.cos(angle))
+        rows.append(-math.sqrt(2.0 / n) * torch.sin(angle))
+    if n % 2 == 0 and n > 1:
+        rows.append(torch.cos(math.pi * t) / math.sqrt(n))
+    return torch.stack(rows)
+
+
+def _rfft_phases(kernel_size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase θ[f, s] between half-spectrum bin f and spatial tap s, and the Hermitian weight of each bin."""
+    half = spectral_kernel_shape(kernel_size, "rfft")
+    freq = torch.cartesian_prod(*[torch.arange(m, dtype=torch.float64) for m in half]).reshape(-1, len(half))
+    taps = torch.cartesian_prod(*[torch.arange(m, dtype=torch.float64) for m in kernel_size])
+    taps = taps.reshape(-1, len(kernel_size))
+    scale = torch.tensor([2 * math.pi / m for m in kernel_size], dtype=torch.float64)
+    theta = (freq * scale) @ taps.T
+    last, n_last = freq[:, -1], kernel_size[-1]
+    # irfft counts each interior bin of the halved axis twice (it and its conjugate twin); DC and Nyquist once.
+    self_conjugate = (last == 0) | ((n_last % 2 == 0) & (last == n_last // 2))
+    weight = torch.where(self_conjugate, 1.0, 2.0).to(torch.float64)
+    return theta, weight
+
+
+@functools.cache
+def _float64_matrices(basis: Basis, kernel_size: tuple[int, ...]) -> Matrices:
+    n = math.prod(kernel_size)
+    if basis == "rdft":
+        d = functools.reduce(torch.kron, [_packed_rdft_1d(m) for m in kernel_size])
+        return Matrices(synthesis=d, analysis=d.T.contiguous())
+    theta, weight = _rfft_phases(kernel_size)
+    norm = 1.0 / math.sqrt(n)
+    cos, sin = torch.cos(theta) * norm, torch.sin(theta) * norm
+    synthesis = torch.stack((cos * weight[:, None], -sin * weight[:, None]))
+    analysis = torch.stack((cos.T, -sin.T)).contiguous()
+    return Matrices(synthesis=synthesis.contiguous(), analysis=analysis)
+
+
+@functools.cache
+def matrices(basis: Basis, kernel_size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Matrices:
+    """The basis matrices for ``kernel_size`` in ``dtype`` on ``device``, built once and cached.
+
+    Example:
+        >>> import torch
+        >>> m = matrices("rdft", (3, 3), torch.float64, torch.device("cpu"))
+        >>> torch.allclose(m.synthesis @ m.analysis, torch.eye(9, dtype=torch.float64))
+        True
+    """
+    base = _float64_matrices(check_basis(basis), check_kernel_size(kernel_size))
+    return Matrices(*(t.to(device=device, dtype=dtype) for t in base))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 and float64 are computed as they are; half precisions in float32."""
+    return dtype if dtype in _EXACT_DTYPES else torch.float32
+
+
+def _check_tensor(t: torch.Tensor, trailing: tuple[int, ...], what: str, lead_rank: int) -> None:
+    if not t.is_floating_point():
+        raise SpectralError(f"{what} must be a floating-point tensor, got {t.dtype}")
+    k = len(trailing)
+    if t.dim() < k + lead_rank or tuple(t.shape[t.dim() - k :]) != trailing:
+        raise SpectralError(f"{what} of shape {tuple(t.shape)} does not end in {trailing}")
+
+
+def to_spatial(x: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS) -> torch.Tensor:
+    """Map spectral coefficients ``x`` back to spatial kernels (differentiable; keeps ``x.dtype``)."""
+    ks, basis = check_kernel_size(kernel_size), check_basis(basis)
+    trailing = spectral_kernel_shape(ks, basis)
+    _check_tensor(x, trailing, f"a {basis} tensor for kernel size {ks}", 1 if basis == "rfft" else 0)
+    if basis == "rfft" and x.shape[0] != 2:
+        raise SpectralError(f"an rfft tensor stacks real and imaginary parts in dim 0 (size 2), got {tuple(x.shape)}")
+    cdtype = compute_dtype(x.dtype)
+    synthesis = matrices(basis, ks, cdtype, x.device).synthesis
+    n_in = math.prod(trailing)
+    if basis == "rfft":
+        planes = x.to(cdtype).reshape(2, -1, n_in)
+        rows = torch.addmm(planes[0] @ synthesis[0], planes[1], synthesis[1])
+        lead = x.shape[1 : x.dim() - len(ks)]
+    else:
+        rows = x.to(cdtype).reshape(-1, n_in) @ synthesis
+        lead = x.shape[: x.dim() - len(ks)]
+    return rows.reshape(*lead, *ks).to(x.dtype)
+
+
+def to_spectral(w: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS) -> torch.Tensor:
+    """Map spatial kernels ``w`` to spectral coefficients (keeps ``w.dtype``).
+
+    ``rfft`` uses ``torch.fft.rfftn`` exactly as pytorch-parametrizations 1.0.0 does, so the stored values
+    match that package's bit for bit in float32 and float64.
+    """
+    ks, basis = check_kernel_size(kernel_size), check_basis(basis)
+    _check_tensor(w, ks, f"a weight for kernel size {ks}", 0)
+    cdtype = compute_dtype(w.dtype)
+    if basis == "rfft":
+        dims = tuple(range(-len(ks), 0))
+        c = torch.fft.rfftn(w.to(cdtype), s=ks, dim=dims, norm="ortho")
+        return torch.stack((c.real, c.imag)).to(w.dtype)
+    analysis = matrices(basis, ks, cdtype, w.device).analysis
+    rows = w.to(cdtype).reshape(-1, math.prod(ks)) @ analysis
+    return rows.reshape(w.shape).to(w.dtype)

@@ -1,0 +1,220 @@
+"""``SpectralParametrization`` and the one-line registrar ``register_spectral_parametrization``.
+
+Example (the seed package's README, with the import switched):
+    >>> import torch
+    >>> import torch.nn.utils.parametrize as parametrize
+    >>> from spectral_cli import SpectralParametrization
+    >>> conv = torch.nn.Conv2d(in_channels=3, out_channels=64, kernel_size=3, padding=1)
+    >>> _ = parametrize.register_parametrization(conv, "weight", SpectralParametrization(conv.kernel_size), unsafe=True)
+    >>> print(conv.parametrizations.weight)
+    ParametrizationList(
+      (0): SpectralParametrization()
+    )
+    >>> tuple(conv.parametrizations.weight.original.shape)
+    (2, 64, 3, 3, 2)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .bases import DEFAULT_BASIS, Basis, check_basis, check_kernel_size, to_spatial, to_spectral
+from .errors import SpectralError
+
+CONV_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+class SpectralParametrization(nn.Module):
+    """Stores a conv kernel as discrete-Fourier coefficients (Ballé, PCS 2018).
+
+    ``forward`` maps coefficients to the spatial kernel, ``right_inverse`` maps a kernel to its coefficients,
+    so it works with :func:`torch.nn.utils.parametrize.register_parametrization` (``unsafe`` True or False),
+    with assignment ``conv.weight = W``, inside ``parametrize.cached()`` and after ``.to(device/dtype)``.
+
+    Args:
+        kernel_size: the conv's ``kernel_size`` (1 to 3 ints); the last ``len(kernel_size)`` dims of the
+            weight are the kernel.
+        basis: ``"rfft"`` (default; the layout of pytorch-parametrizations 1.0.0, stored tensor of shape
+            ``(2, *W.shape[:-1], kw // 2 + 1)``) or ``"rdft"`` (orthonormal, same shape as the weight).
+
+    Example:
+        >>> import torch
+        >>> p = SpectralParametrization((5,), basis="rdft")
+        >>> w = torch.randn(4, 2, 5, dtype=torch.float64)
+        >>> torch.allclose(p(p.right_inverse(w)), w)
+        True
+        >>> p
+        SpectralParametrization(basis='rdft')
+    """
+
+    def __init__(self, kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS) -> None:
+        super().__init__()
+        self.kernel_size: tuple[int, ...] = check_kernel_size(kernel_size)
+        self.basis: Basis = check_basis(basis)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return to_spatial(x, self.kernel_size, self.basis)
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        return to_spectral(w, self.kernel_size, self.basis)
+
+    def extra_repr(self) -> str:
+        # The default prints as the seed package does: ``SpectralParametrization()``.
+        return "" if self.basis == DEFAULT_BASIS else f"basis={self.basis!r}"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What :func:`register_spectral_parametrization` did: module names changed, and skipped with why."""
+
+    changed: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]
+
+
+def _weight_parametrizations(module: nn.Module) -> parametrize.ParametrizationList:
+    return cast(parametrize.ParametrizationList, module.parametrizations["weight"])  # type: ignore[index]
+
+
+def spectral_parametrization_of(module: nn.Module) -> SpectralParametrization | None:
+    """The ``SpectralParametrization`` on ``module.weight``, or ``None``."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in _weight_parametrizations(module):
+        if isinstance(p, SpectralParametrization):
+            return p
+    return None
+
+
+def glob_patterns(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(p, str) for p in items):
+        raise SpectralError(f"{what} takes glob patterns (str), got {value!r}")
+    return items
+
+
+def selected(name: str, include: tuple[str, ...] | None, exclude: tuple[str, ...] | None) -> bool:
+    """Whether a qualified name passes the include/exclude globs (``fnmatch`` rules)."""
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before changing it.
+
+    ``copy.deepcopy`` shares the generated ``Parametrized<Cls>`` class between copies, and removing a
+    parametrization deletes the property from that class, which breaks every other copy.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def _plan_register(
+    module: nn.Module, include: tuple[str, ...] | None, exclude: tuple[str, ...] | None
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    todo, skipped = [], []
+    for name, m in module.named_modules():
+        if not isinstance(m, CONV_TYPES):
+            continue
+        weight = cast(torch.Tensor, m.weight)
+        kernel_size = cast(tuple[int, ...], m.kernel_size)
+        if not selected(name, include, exclude):
+            reason = "excluded"
+        elif spectral_parametrization_of(m) is not None:
+            reason = "already spectral"
+        elif parametrize.is_parametrized(m, "weight"):
+            reason = "weight has another parametrization"
+        elif isinstance(weight, nn.parameter.UninitializedParameter):
+            reason = "lazy module not initialized"
+        elif math.prod(kernel_size) == 1:
+            reason = "1x1 kernel"
+        elif not weight.is_floating_point():
+            reason = f"not a float weight ({weight.dtype})"
+        else:
+            todo.append((name, m))
+            continue
+        skipped.append((name, reason))
+    return todo, skipped
+
+
+def _plan_undo(
+    module: nn.Module, include: tuple[str, ...] | None, exclude: tuple[str, ...] | None
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    todo, skipped = [], []
+    for name, m in module.named_modules():
+        if spectral_parametrization_of(m) is None:
+            continue
+        if not selected(name, include, exclude):
+            skipped.append((name, "excluded"))
+        elif len(_weight_parametrizations(m)) != 1:
+            raise SpectralError(
+                f"cannot undo the spectral parametrization of {name or 'the root module'!r}: other "
+                "parametrizations are stacked on its weight; remove them first with "
+                "torch.nn.utils.parametrize.remove_parametrizations"
+            )
+        else:
+            todo.append((name, m))
+    return todo, skipped
+
+
+def register_spectral_parametrization(
+    module: nn.Module,
+    undo: bool = False,
+    *,
+    basis: Basis = DEFAULT_BASIS,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> Registration:
+    """Register (or with ``undo=True`` bake and remove) the spectral parametrization on every conv layer.
+
+    Registers on every Conv1d/2d/3d and ConvTranspose1d/2d/3d (grouped and depthwise included) whose kernel
+    has more than one tap, skipping layers already spectral, so calling it twice changes nothing.
+    ``undo=True`` leaves the spatial weights in place and turns the modules back into their plain classes.
+    ``include``/``exclude`` are glob patterns on qualified module names (``"encoder.*"``). Everything is
+    checked before the module is touched.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 1))
+        >>> register_spectral_parametrization(net)
+        Registration(changed=('0',), skipped=(('1', '1x1 kernel'),))
+        >>> type(net[0]).__name__
+        'ParametrizedConv2d'
+        >>> register_spectral_parametrization(net, undo=True).changed
+        ('0',)
+        >>> type(net[0]).__name__
+        'Conv2d'
+    """
+    if not isinstance(module, nn.Module):
+        raise SpectralError(f"register_spectral_parametrization takes an nn.Module, got {type(module).__name__}")
+    basis = check_basis(basis)
+    inc, exc = glob_patterns(include, "include"), glob_patterns(exclude, "exclude")
+    todo, skipped = (_plan_undo if undo else _plan_register)(module, inc, exc)
+    for _, m in todo:
+        if undo:
+            _own_class(m)
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        else:
+            if parametrize.is_parametrized(m):
+                _own_class(m)
+            kernel_size = cast(tuple[int, ...], m.kernel_size)
+            parametrize.register_parametrization(m, "weight", SpectralParametrization(kernel_size, basis))
+    return Registration(changed=tuple(name for name, _ in todo), skipped=tuple(skipped))
