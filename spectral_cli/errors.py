@@ -27,3 +27,21 @@ class AmbiguousKernelSizeError(SpectralError):
     """A spectral tensor's kernel size cannot be read from its shape alone."""
 
     exit_code = 4
+
+
+class CheckpointError(SpectralError):
+    """An input file that is missing, damaged, or not a checkpoint."""
+
+    exit_code = 3
+
+
+class RefusedError(SpectralError):
+    """Something spectral_cli will not do without being told: overwrite, run pickled code, lose data."""
+
+    exit_code = 5
+
+
+class NothingToDoError(SpectralError):
+    """The input holds nothing the command applies to."""
+
+    exit_code = 6

@@ -1,0 +1,234 @@
+"""The ``spectral`` command line: Typer commands and Rich output only.
+
+torch is imported inside the commands, so ``spectral --help`` and ``--version`` start instantly. Results go
+to stdout, warnings to stderr. A user's mistake ends with one line on stderr and the exit code of its
+:class:`~spectral_cli.errors.SpectralError`; set ``SPECTRAL_DEBUG=1`` to see tracebacks.
+
+Exit codes: 0 done (also: nothing left to convert), 1 internal error, 2 usage error, 3 unreadable or damaged
+input, 4 kernel size ambiguous (pass ``--kernel-size``), 5 refused (output exists, output is the input,
+untrusted pickle, TorchScript), 6 nothing to do (no conv kernels / no spectral tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from . import __version__
+
+app = typer.Typer(
+    name="spectral",
+    help="Convert conv checkpoints to the spectral parametrization (Ballé, PCS 2018), bake them back, inspect them.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class BasisChoice(str, Enum):
+    rfft = "rfft"
+    rdft = "rdft"
+
+
+def _stdout() -> Console:
+    return Console(soft_wrap=False)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"spectral {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Spectral parametrization of convolution kernels, for checkpoints."""
+
+
+def _run(as_json: bool, body: Callable[[], Any]) -> Any:
+    """Run a command body; turn our errors into one line and an exit code."""
+    from .errors import SpectralError
+
+    try:
+        return body()
+    except SpectralError as e:
+        if os.environ.get("SPECTRAL_DEBUG"):
+            raise
+        if as_json:
+            typer.echo(json.dumps({"schema": 1, "error": str(e), "exit_code": e.exit_code}))
+        _stderr().print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        raise typer.Exit(e.exit_code) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except KeyboardInterrupt:
+        _stderr().print("interrupted; no output was written", highlight=False)
+        raise typer.Exit(130) from None
+    except Exception as e:
+        if os.environ.get("SPECTRAL_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        _stderr().print(
+            f"[bold red]internal error:[/] {type(e).__name__}: {first} (set SPECTRAL_DEBUG=1 for the traceback)",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+
+
+def _parse_kernel_size(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    from .errors import SpectralError
+
+    try:
+        parts = tuple(int(p) for p in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise SpectralError(f"--kernel-size {text!r}: give sizes like 3x3, 5 or 3x3x3") from None
+    if not 1 <= len(parts) <= 3 or min(parts) < 1:
+        raise SpectralError(f"--kernel-size {text!r}: give 1 to 3 positive sizes, like 3x3")
+    return parts
+
+
+def _print_report(command: str, report: Any, as_json: bool, dry_run: bool) -> None:
+    from . import render
+
+    err = _stderr()
+    for warning in report.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if as_json:
+        typer.echo(json.dumps(render.file_report_json(command, report, dry_run), indent=2))
+        return
+    out = _stdout()
+    if report.message:
+        out.print(report.message, highlight=False)
+        return
+    out.print(render.file_report_table(command, report))
+    out.print(render.file_report_summary(command, report), highlight=False)
+
+
+InputArg = Annotated[Path, typer.Argument(help="Checkpoint: torch.save file (.pt/.pth/.bin/.ckpt) or .safetensors.")]
+OutputOpt = Annotated[
+    Path | None, typer.Option("-o", "--output", help="Output file (default: next to the input).", show_default=False)
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of a table.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would change; write nothing.")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option("--trust-pickle", help="Allow loading a pickled nn.Module. This RUNS CODE from the file."),
+]
+
+
+@app.command()
+def convert(
+    input: InputArg,
+    output: OutputOpt = None,
+    basis: Annotated[BasisChoice, typer.Option("--basis", help="Spectral basis.")] = BasisChoice.rfft,
+    include: Annotated[
+        list[str] | None, typer.Option("--include", help="Only layers whose name matches this glob (repeatable).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Skip layers whose name matches this glob (repeatable).")
+    ] = None,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Turn a checkpoint's conv kernels into spectral 'original' tensors, as torch.nn.utils.parametrize stores them."""
+
+    def body() -> None:
+        from .operations import convert_file
+
+        report = convert_file(
+            input,
+            output,
+            basis=basis.value,
+            include=include,
+            exclude=exclude,
+            dry_run=dry_run,
+            force=force,
+            trust_pickle=trust_pickle,
+        )
+        _print_report("convert", report, as_json, dry_run)
+
+    _run(as_json, body)
+
+
+@app.command()
+def bake(
+    input: InputArg,
+    output: OutputOpt = None,
+    kernel_size: Annotated[
+        str | None,
+        typer.Option("--kernel-size", help="Kernel size for spectral tensors without a record, e.g. 3x5."),
+    ] = None,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Turn spectral tensors back into plain spatial weights, in their original dtype, for deployment."""
+
+    def body() -> None:
+        from .operations import bake_file
+
+        report = bake_file(
+            input,
+            output,
+            kernel_size=_parse_kernel_size(kernel_size),
+            dry_run=dry_run,
+            force=force,
+            trust_pickle=trust_pickle,
+        )
+        _print_report("bake", report, as_json, dry_run)
+
+    _run(as_json, body)
+
+
+@app.command()
+def inspect(
+    input: InputArg,
+    as_json: JsonOpt = False,
+    all_layers: Annotated[bool, typer.Option("--all", help="Also list convertible spatial conv kernels.")] = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """List the parametrized layers: spectral ones with basis and kernel size, and other parametrizations."""
+
+    def body() -> None:
+        from . import render
+        from .operations import inspect_file
+
+        report = inspect_file(input, include_spatial=all_layers, trust_pickle=trust_pickle)
+        if as_json:
+            typer.echo(json.dumps(render.inspect_json(report), indent=2))
+            return
+        out = _stdout()
+        out.print(render.inspect_table(report))
+        out.print(render.inspect_summary(report), highlight=False)
+
+    _run(as_json, body)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="spectral")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
