@@ -265,6 +265,8 @@ def write_atomic(target: Path, fmt: str, obj: Any, metadata: Mapping[str, str] |
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file readable by its owner only; give it the mode any new file gets.
+            os.chmod(tmp, _new_file_mode())
             if fmt == SAFETENSORS:
                 from safetensors.torch import save
 
@@ -277,6 +279,13 @@ def write_atomic(target: Path, fmt: str, obj: Any, metadata: Mapping[str, str] |
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode() -> int:
+    """``0o666`` less the process umask: the permissions ``open(path, "w")`` would give a new file."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
