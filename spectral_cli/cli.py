@@ -4,9 +4,10 @@ torch is imported inside the commands, so ``spectral --help`` and ``--version`` 
 to stdout, warnings to stderr. A user's mistake ends with one line on stderr and the exit code of its
 :class:`~spectral_cli.errors.SpectralError`; set ``SPECTRAL_DEBUG=1`` to see tracebacks.
 
-Exit codes: 0 done (also: nothing left to convert), 1 internal error, 2 usage error, 3 unreadable or damaged
-input, 4 kernel size ambiguous (pass ``--kernel-size``), 5 refused (output exists, output is the input,
-untrusted pickle, TorchScript), 6 nothing to do (no conv kernels / no spectral tensors).
+Exit codes: 0 done (also: nothing left to convert), 1 internal error or a failed write (disk full, no
+permission), 2 usage error, 3 unreadable or damaged input, 4 kernel size ambiguous (pass ``--kernel-size``),
+5 refused (output exists, output is the input, untrusted pickle, TorchScript), 6 nothing to do (no conv kernels
+/ no spectral tensors).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 
@@ -72,19 +74,31 @@ def _run(as_json: bool, body: Callable[[], Any]) -> Any:
             raise
         if as_json:
             typer.echo(json.dumps({"schema": 1, "error": str(e), "exit_code": e.exit_code}))
-        _stderr().print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        _stderr().print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True)
         raise typer.Exit(e.exit_code) from None
     except (typer.Exit, typer.Abort):
         raise
     except KeyboardInterrupt:
         _stderr().print("interrupted; no output was written", highlight=False)
         raise typer.Exit(130) from None
+    except OSError as e:  # the system refused a write (disk full, no permission): not our bug
+        if os.environ.get("SPECTRAL_DEBUG"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        message = f"{where}{e.strerror or e}; no output was written"
+        if as_json:
+            typer.echo(json.dumps({"schema": 1, "error": message, "exit_code": 1}))
+        _stderr().print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        raise typer.Exit(1) from None
     except Exception as e:
         if os.environ.get("SPECTRAL_DEBUG"):
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
+        if as_json:
+            typer.echo(json.dumps({"schema": 1, "error": f"{type(e).__name__}: {first}", "exit_code": 1}))
         _stderr().print(
-            f"[bold red]internal error:[/] {type(e).__name__}: {first} (set SPECTRAL_DEBUG=1 for the traceback)",
+            f"[bold red]internal error:[/] {type(e).__name__}: {escape(first)} "
+            "(set SPECTRAL_DEBUG=1 for the traceback)",
             highlight=False,
         )
         raise typer.Exit(1) from None
@@ -109,16 +123,16 @@ def _print_report(command: str, report: Any, as_json: bool, dry_run: bool) -> No
 
     err = _stderr()
     for warning in report.warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if as_json:
         typer.echo(json.dumps(render.file_report_json(command, report, dry_run), indent=2))
         return
     out = _stdout()
     if report.message:
-        out.print(report.message, highlight=False)
+        out.print(report.message, highlight=False, markup=False, soft_wrap=True)
         return
     out.print(render.file_report_table(command, report))
-    out.print(render.file_report_summary(command, report), highlight=False)
+    out.print(render.file_report_summary(command, report), highlight=False, markup=False, soft_wrap=True)
 
 
 InputArg = Annotated[Path, typer.Argument(help="Checkpoint: torch.save file (.pt/.pth/.bin/.ckpt) or .safetensors.")]
@@ -186,16 +200,22 @@ def bake(
     """Turn spectral tensors back into plain spatial weights, in their original dtype, for deployment."""
 
     def body() -> None:
+        from .errors import AmbiguousKernelSizeError
         from .operations import bake_file
 
-        report = bake_file(
-            input,
-            output,
-            kernel_size=_parse_kernel_size(kernel_size),
-            dry_run=dry_run,
-            force=force,
-            trust_pickle=trust_pickle,
-        )
+        try:
+            report = bake_file(
+                input,
+                output,
+                kernel_size=_parse_kernel_size(kernel_size),
+                dry_run=dry_run,
+                force=force,
+                trust_pickle=trust_pickle,
+            )
+        except AmbiguousKernelSizeError as e:
+            if "--kernel-size" in str(e):
+                raise
+            raise AmbiguousKernelSizeError(f"{e} with --kernel-size KHxKW, e.g. --kernel-size 3x5") from None
         _print_report("bake", report, as_json, dry_run)
 
     _run(as_json, body)
@@ -220,7 +240,7 @@ def inspect(
             return
         out = _stdout()
         out.print(render.inspect_table(report))
-        out.print(render.inspect_summary(report), highlight=False)
+        out.print(render.inspect_summary(report), highlight=False, markup=False, soft_wrap=True)
 
     _run(as_json, body)
 

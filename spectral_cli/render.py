@@ -28,6 +28,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -55,11 +56,12 @@ def _error(value: float) -> str:
 
 
 def _where(location: str, name: str, show_location: bool) -> str:
-    return f"{location}/{name}" if location and show_location else name or "(root)"
+    """The layer cell, escaped: names and file paths are never read as Rich markup."""
+    return escape(f"{location}/{name}" if location and show_location else name or "(root)")
 
 
 def _table(title: str, columns: tuple[str, ...], right: tuple[str, ...]) -> Table:
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in columns:
         table.add_column(column, justify="right" if column in right else "left", overflow="fold")
     return table
@@ -127,7 +129,7 @@ def file_report_table(command: str, report: FileReport) -> Table:
         )
     for loc, s in report.skipped:
         name = s.key.removesuffix("weight").removesuffix(".")
-        table.add_row(_where(loc, name, several), f"[dim]skipped: {s.reason}[/dim]", "", "", "", "", "")
+        table.add_row(_where(loc, name, several), f"[dim]skipped: {escape(s.reason)}[/dim]", "", "", "", "", "")
     return table
 
 
