@@ -1,0 +1,252 @@
+"""Helpers of the command-line tests: the sample models, running ``spectral``, reading and checking outputs.
+
+The sample model classes are defined in ``sample_models/make_samples.py`` (never in the package); this module
+imports that script by its path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from typer.testing import CliRunner, Result
+
+from spectral_cli.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES_DIR = REPO / "sample_models"
+
+#: the environment every in-process run gets: a pinned terminal width, no forced colours, no tracebacks
+ENV: dict[str, str | None] = {
+    "COLUMNS": "120",
+    "LINES": "50",
+    "NO_COLOR": "1",
+    "FORCE_COLOR": None,
+    "TTY_COMPATIBLE": None,
+    "TTY_INTERACTIVE": None,
+    "SPECTRAL_DEBUG": None,
+}
+
+#: sample file -> name of its model in make_samples.MODELS
+SAMPLE_MODEL = {
+    "balle.pt": "balle",
+    "balle.safetensors": "balle",
+    "lightning.ckpt": "balle",
+    "conv1d.pt": "conv1d",
+    "conv3d.pt": "conv3d",
+}
+SPATIAL_SAMPLES = tuple(SAMPLE_MODEL)
+ALL_SAMPLES = (*SPATIAL_SAMPLES, "balle.spectral.pt")
+SUFFIX = "parametrizations.weight.original"
+
+
+def _import_make_samples() -> ModuleType:
+    name = "spectral_sample_models"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SAMPLES_DIR / "make_samples.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+make_samples = _import_make_samples()
+
+
+def spectral(*args: Any, env: Mapping[str, str | None] | None = None) -> Result:
+    """Run the ``spectral`` app in-process; unexpected exceptions propagate (they are bugs)."""
+    return CliRunner().invoke(app, [str(a) for a in args], env={**ENV, **(env or {})}, catch_exceptions=False)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def listing(directory: Path) -> list[str]:
+    """Every file name in ``directory``, hidden ones (temporary files) included."""
+    return sorted(p.name for p in directory.iterdir())
+
+
+def temp_files(directory: Path) -> list[str]:
+    return [name for name in listing(directory) if name.startswith(".") and name.endswith(".tmp")]
+
+
+def one_line(text: str) -> str:
+    """The single line of an error report; fails on tracebacks and multi-line output."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    assert "Traceback" not in text
+    return lines[0]
+
+
+def read(path: Path) -> Any:
+    """A written checkpoint, loaded safely (weights_only for torch files)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
+        return dict(f.metadata() or {})
+
+
+def model_state(obj: Any) -> dict[str, torch.Tensor]:
+    """The model's own state dict from a sample: a bare state dict, or Lightning's with ``model.`` removed."""
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        return {k.removeprefix("model."): v for k, v in obj["state_dict"].items()}
+    return dict(obj)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, computed in float32 at least (float64 for float64 inputs)."""
+    dtype = torch.promote_types(torch.promote_types(actual.dtype, expected.dtype), torch.float32)
+    a, e = actual.detach().to(dtype), expected.detach().to(dtype)
+    scale = e.abs().max().item()
+    diff = (a - e).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_same_tensors(
+    actual: Mapping[str, Any], expected: Mapping[str, Any], tol: float = 1e-6, *, ordered: bool = True
+) -> None:
+    """Same keys (in the same order), same dtypes and shapes, values within ``tol`` relative (per tensor)."""
+    if ordered:
+        assert list(actual) == list(expected)
+    else:
+        assert sorted(actual) == sorted(expected)
+    for key, value in expected.items():
+        got = actual[key]
+        if not isinstance(value, torch.Tensor):
+            assert got == value, key
+            continue
+        assert isinstance(got, torch.Tensor), key
+        assert got.dtype == value.dtype, (key, got.dtype, value.dtype)
+        assert got.shape == value.shape, (key, got.shape, value.shape)
+        if value.is_floating_point() or value.is_complex():
+            assert rel_err(got, value) <= tol, (key, rel_err(got, value), tol)
+        else:
+            assert torch.equal(got, value), key
+
+
+def assert_same_outputs(model: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, tol: float = 1e-4) -> None:
+    with torch.no_grad():
+        got, want = model(x), reference(x)
+    if isinstance(want, Mapping):  # CompressAI models return {"x_hat": ..., "likelihoods": ...}
+        got, want = got["x_hat"], want["x_hat"]
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= tol, rel_err(got, want)
+
+
+def build_registered(name: str, basis: str = "rfft") -> torch.nn.Module:
+    """A fresh sample model (different seed: its own weights must be replaced) with the spectral parametrization."""
+    from spectral_cli import register_spectral_parametrization
+
+    model = make_samples.build(name, seed=123)
+    register_spectral_parametrization(model, basis=basis)  # type: ignore[arg-type]
+    return model
+
+
+# ---- the JSON schema of render.py, checked field by field ----
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_inspect_json(doc: Mapping[str, Any]) -> None:
+    assert doc["schema"] == 1 and doc["command"] == "inspect"
+    assert isinstance(doc["file"], str)
+    assert doc["format"] in ("torch", "torch-legacy", "safetensors")
+    for layer in doc["layers"]:
+        for name in ("name", "location", "key", "dtype"):
+            assert isinstance(layer[name], str), (name, layer)
+        assert layer["domain"] in ("spectral", "spatial", "weight_norm", "parametrized")
+        assert layer["basis"] in ("rfft", "rdft", None)
+        assert layer["kernel_size"] is None or _is_int_list(layer["kernel_size"])
+        assert _is_int_list(layer["shape"]) and _is_int(layer["params"])
+        assert layer["params"] == math.prod(layer["shape"])
+        assert isinstance(layer["inferred"], bool)
+        energy = layer["energy"]
+        assert energy is None or (isinstance(energy, list) and all(isinstance(e, float) for e in energy))
+        if energy:
+            assert abs(sum(energy) - 1) < 1e-6
+        if layer["domain"] == "spectral":
+            assert layer["basis"] is not None and layer["kernel_size"] is not None
+    totals = doc["totals"]
+    assert set(totals) >= {"layers", "spectral", "params", "bytes"}
+    assert all(_is_int(v) for v in totals.values())
+    assert totals["layers"] == len(doc["layers"])
+    assert totals["spectral"] == sum(1 for layer in doc["layers"] if layer["domain"] == "spectral")
+
+
+def check_file_report_json(doc: Mapping[str, Any], command: str) -> None:
+    assert doc["schema"] == 1 and doc["command"] == command
+    assert isinstance(doc["file"], str)
+    assert doc["output"] is None or isinstance(doc["output"], str)
+    assert isinstance(doc["written"], bool) and isinstance(doc["dry_run"], bool)
+    assert isinstance(doc["message"], str)
+    domain = "spectral" if command == "convert" else "spatial"
+    for layer in doc["layers"]:
+        for name in ("name", "location", "source_key", "key", "dtype"):
+            assert isinstance(layer[name], str), (name, layer)
+        assert layer["domain"] == domain
+        assert layer["basis"] in ("rfft", "rdft")
+        assert _is_int_list(layer["kernel_size"])
+        assert _is_int_list(layer["shape_before"]) and _is_int_list(layer["shape"])
+        assert layer["params_before"] == math.prod(layer["shape_before"])
+        assert layer["params"] == math.prod(layer["shape"])
+        assert layer["max_error"] is None or isinstance(layer["max_error"], float)
+        assert isinstance(layer["inferred"], bool)
+    for skipped in doc["skipped"]:
+        assert set(skipped) >= {"location", "key", "reason"}
+        assert all(isinstance(v, str) for v in skipped.values())
+    assert all(isinstance(d, str) for d in doc["dropped"])
+    assert all(isinstance(w, str) for w in doc["warnings"])
+    errors = [layer["max_error"] for layer in doc["layers"]]
+    if errors and None not in errors:
+        assert doc["max_error"] == max(errors)
+
+
+def parse_json(stdout: str) -> Any:
+    return json.loads(stdout)
+
+
+def names(doc: Mapping[str, Any]) -> list[str]:
+    return [layer["name"] for layer in doc["layers"]]
+
+
+def conv_names(model: torch.nn.Module, prefix: str = "") -> list[str]:
+    """Module names of the convs with more than one tap: what convert changes."""
+    from spectral_cli.parametrization import CONV_TYPES
+
+    return [
+        prefix + n
+        for n, m in model.named_modules()
+        if isinstance(m, CONV_TYPES) and math.prod(m.kernel_size) > 1  # type: ignore[arg-type]
+    ]
+
+
+def copy_samples(target: Path, files: Sequence[str] = ALL_SAMPLES) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (target / name).write_bytes((SAMPLES_DIR / name).read_bytes())
+    return target

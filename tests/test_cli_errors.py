@@ -1,0 +1,460 @@
+"""Every bad input of the ``spectral`` command line: its exit code, one line on stderr, and no harm done.
+
+For each case: the documented exit code, stderr is exactly one line without a traceback, the input is
+byte-identical afterwards, and the directory holds no output and no temporary ``.*.tmp`` file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import random
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from models import copy_samples, listing, make_samples, one_line, read, sha256, spectral, temp_files
+from torch import nn
+
+import spectral_cli.checkpoint as checkpoint
+import spectral_cli.operations as operations
+
+COMMANDS = ("convert", "bake", "inspect")
+
+
+def assert_refused(directory: Path, source: Path | None, args: list[Any], code: int) -> str:
+    """Run ``spectral *args`` and check the contract of a refusal; return the error line."""
+    before = listing(directory)
+    digest = sha256(source) if source is not None and source.is_file() else None
+    result = spectral(*args)
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    line = one_line(result.stderr)
+    assert line.startswith("error:"), line
+    assert result.stdout == ""
+    assert listing(directory) == before and not temp_files(directory)
+    if digest is not None:
+        assert source is not None and sha256(source) == digest
+    return line
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+# ---- unreadable inputs: exit 3 ------------------------------------------------------------------------------
+
+
+def _truncated_torch(directory: Path) -> Path:
+    data = (directory / "balle.pt").read_bytes()
+    return _write(directory / "truncated.pt", data[: len(data) // 2])
+
+
+def _truncated_safetensors(directory: Path) -> Path:
+    data = (directory / "balle.safetensors").read_bytes()
+    return _write(directory / "truncated.safetensors", data[: len(data) // 2])
+
+
+def _truncated_safetensors_header(directory: Path) -> Path:
+    data = (directory / "balle.safetensors").read_bytes()
+    return _write(directory / "header.safetensors", data[:100])
+
+
+def _random_bytes(directory: Path) -> Path:
+    return _write(directory / "random.pt", random.Random(0).randbytes(4096))
+
+
+def _zip_not_torch(directory: Path) -> Path:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("readme.txt", "not a checkpoint")
+    return _write(directory / "archive.pt", buffer.getvalue())
+
+
+def _json_file(directory: Path) -> Path:
+    return _write(directory / "config.pt", json.dumps({"layers": [1, 2, 3], "lr": 1e-4}).encode())
+
+
+def _empty(directory: Path) -> Path:
+    return _write(directory / "empty.pt", b"")
+
+
+def _no_state_dict(directory: Path) -> Path:
+    torch.save({"epoch": 3, "notes": "no tensors here"}, directory / "meta.pt")
+    return directory / "meta.pt"
+
+
+def _damaged_safetensors_header(directory: Path) -> Path:
+    header = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'  # missing closing brace
+    return _write(directory / "bad.safetensors", len(header).to_bytes(8, "little") + header + bytes(8))
+
+
+UNREADABLE: dict[str, Callable[[Path], Path]] = {
+    "empty": _empty,
+    "truncated-torch": _truncated_torch,
+    "truncated-safetensors": _truncated_safetensors,
+    "truncated-safetensors-header": _truncated_safetensors_header,
+    "damaged-safetensors-header": _damaged_safetensors_header,
+    "random-bytes": _random_bytes,
+    "zip-not-torch": _zip_not_torch,
+    "json-file": _json_file,
+    "no-state-dict": _no_state_dict,
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("case", list(UNREADABLE))
+def test_unreadable_input_exits_3(samples: Path, case: str, command: str) -> None:
+    path = UNREADABLE[case](samples)
+    line = assert_refused(samples, path, [command, path], 3)
+    assert path.name in line
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_missing_file_exits_3(tmp_path: Path, command: str) -> None:
+    line = assert_refused(tmp_path, None, [command, tmp_path / "nope.pt"], 3)
+    assert "no such file" in line
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_directory_exits_3(tmp_path: Path, command: str) -> None:
+    (tmp_path / "ckpt.pt").mkdir()
+    line = assert_refused(tmp_path, None, [command, tmp_path / "ckpt.pt"], 3)
+    assert "directory" in line
+
+
+def test_json_error_document(samples: Path) -> None:
+    path = _truncated_torch(samples)
+    result = spectral("convert", path, "--json")
+    assert result.exit_code == 3
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == 1 and doc["exit_code"] == 3 and path.name in doc["error"]
+    one_line(result.stderr)
+
+
+# ---- code in pickles, TorchScript: exit 5 -------------------------------------------------------------------
+
+
+def _pickled_module(directory: Path) -> tuple[Path, nn.Module]:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.Flatten(), nn.Linear(2, 2))
+    path = directory / "module.pt"
+    torch.save(module, path)
+    return path, module
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_pickled_module_needs_trust(tmp_path: Path, command: str) -> None:
+    path, _ = _pickled_module(tmp_path)
+    line = assert_refused(tmp_path, path, [command, path], 5)
+    assert "--trust-pickle" in line
+
+
+def test_pickled_module_with_trust_converts_to_a_state_dict(tmp_path: Path) -> None:
+    path, module = _pickled_module(tmp_path)
+    digest = sha256(path)
+    result = spectral("convert", path, "--trust-pickle", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert [layer["name"] for layer in json.loads(result.stdout)["layers"]] == ["0", "2"]
+    out = tmp_path / "module.spectral.pt"
+    converted = read(out)  # weights_only: a plain state dict, no code
+    assert isinstance(converted, dict) and all(isinstance(v, torch.Tensor) for v in converted.values())
+    assert sha256(path) == digest
+    result = spectral("bake", out)
+    assert result.exit_code == 0, result.stderr
+    baked = read(tmp_path / "module.baked.pt")
+    for key, value in module.state_dict().items():
+        assert torch.allclose(baked[key], value, rtol=1e-5, atol=1e-6), key
+
+
+class _Evil:
+    """Unpickling this calls ``open(marker, "w")``: a file appears if the loader runs code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+class _EvilPrint:
+    """Unpickling this calls ``print``: any call of a builtin from a pickle is code execution."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (print, ("pwned",))
+
+
+def _malicious_torch(directory: Path, marker: Path) -> Path:
+    path = directory / "evil.pt"
+    state = make_samples.build("conv1d").state_dict()
+    torch.save({"state_dict": state, "payload": _Evil(marker)}, path)
+    return path
+
+
+def _malicious_legacy(directory: Path, marker: Path) -> Path:
+    """A bare pickle stream (no zip): read by torch's legacy loader."""
+    path = directory / "evil.pth"
+    path.write_bytes(pickle.dumps(_Evil(marker), protocol=2))
+    return path
+
+
+def _malicious_in_state_dict(directory: Path, marker: Path) -> Path:
+    path = directory / "evil.bin"
+    torch.save({"conv.weight": torch.zeros(2, 2, 3, 3), "conv.bias": _Evil(marker)}, path)
+    return path
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("make", [_malicious_torch, _malicious_legacy, _malicious_in_state_dict])
+def test_malicious_pickle_runs_no_code(tmp_path: Path, make: Callable[[Path, Path], Path], command: str) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    marker = tmp_path / "pwned"
+    path = make(work, marker)
+    assert not marker.exists()
+    before = listing(work)
+    digest = sha256(path)
+    result = spectral(command, path)
+    assert result.exit_code != 0
+    assert result.exit_code in (3, 5)
+    one_line(result.stderr)
+    assert not marker.exists(), "loading the file ran code"
+    assert listing(work) == before and sha256(path) == digest
+
+
+def test_malicious_print_pickle_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "print.pt"
+    torch.save({"w": torch.zeros(2, 2, 3), "p": _EvilPrint()}, path)
+    result = spectral("inspect", path)
+    assert result.exit_code == 5 and "--trust-pickle" in result.stderr
+    assert "pwned" not in result.stdout + result.stderr + capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_torchscript_exits_5(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():  # torch.jit is deprecated, but people still have such files
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3))), str(path))
+    line = assert_refused(tmp_path, path, [command, path], 5)
+    assert "TorchScript" in line
+    line = assert_refused(tmp_path, path, [command, path, "--trust-pickle"], 5)  # trust does not cover it
+    assert "TorchScript" in line
+
+
+# ---- outputs: exit 5 ----------------------------------------------------------------------------------------
+
+
+def test_output_exists_without_force(samples: Path) -> None:
+    existing = samples / "balle.spectral.pt"
+    digest = sha256(existing)
+    line = assert_refused(samples, samples / "balle.pt", ["convert", samples / "balle.pt"], 5)
+    assert "--force" in line and sha256(existing) == digest
+    (samples / "taken.pt").write_bytes(b"keep me")
+    spectral_file = samples / "balle.spectral.pt"
+    assert_refused(samples, spectral_file, ["bake", spectral_file, "-o", samples / "taken.pt"], 5)
+    assert (samples / "taken.pt").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize(
+    ("command", "sample"), [("convert", "balle.pt"), ("convert", "balle.safetensors"), ("bake", "balle.spectral.pt")]
+)
+def test_output_is_the_input(samples: Path, command: str, sample: str) -> None:
+    source = samples / sample
+    line = assert_refused(samples, source, [command, source, "-o", source, "--force"], 5)
+    assert "input" in line
+    other_spelling = samples / "." / sample
+    assert_refused(samples, source, [command, source, "-o", other_spelling, "--force"], 5)
+    (samples / "link.pt").symlink_to(source)
+    assert_refused(samples, source, [command, source, "-o", samples / "link.pt", "--force"], 5)
+
+
+def test_output_directory_missing_or_a_directory(samples: Path) -> None:
+    source = samples / "balle.pt"
+    assert_refused(samples, source, ["convert", source, "-o", samples / "no" / "such" / "dir.pt"], 5)
+    (samples / "outdir").mkdir()
+    assert_refused(samples, source, ["convert", source, "-o", samples / "outdir", "--force"], 5)
+
+
+def test_container_to_safetensors_refused(samples: Path) -> None:
+    source = samples / "lightning.ckpt"
+    assert_refused(samples, source, ["convert", source, "-o", samples / "l.safetensors"], 5)
+
+
+# ---- nothing to do: exit 6 ----------------------------------------------------------------------------------
+
+
+def test_nothing_to_convert(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Conv2d(4, 4, 1))
+    path = tmp_path / "mlp.pt"
+    torch.save(mlp.state_dict(), path)
+    line = assert_refused(tmp_path, path, ["convert", path], 6)
+    assert "nothing to convert" in line
+
+
+@pytest.mark.parametrize("sample", ["balle.pt", "balle.safetensors", "lightning.ckpt", "conv1d.pt"])
+def test_bake_without_spectral_tensors(samples: Path, sample: str) -> None:
+    line = assert_refused(samples, samples / sample, ["bake", samples / sample], 6)
+    assert "nothing to bake" in line
+
+
+# ---- usage errors: exit 2 -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["convert", "balle.pt", "--basis", "dct"],
+        ["convert", "balle.pt", "--no-such-option"],
+        ["convert"],
+        ["frobnicate", "balle.pt"],
+    ],
+)
+def test_usage_errors_exit_2(samples: Path, args: list[str]) -> None:
+    before = listing(samples)
+    result = spectral(*[str(samples / a) if a.endswith(".pt") else a for a in args])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    assert listing(samples) == before
+
+
+@pytest.mark.parametrize("size", ["abc", "0x3", "3x3x3x3", "3x"])
+def test_bad_kernel_size_exits_2(samples: Path, size: str) -> None:
+    source = samples / "balle.spectral.pt"
+    line = assert_refused(samples, source, ["bake", source, "-o", samples / "o.pt", "--kernel-size", size], 2)
+    assert "--kernel-size" in line
+
+
+# ---- failures while writing ---------------------------------------------------------------------------------
+
+
+def _fail_in_torch_save(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = torch.save
+
+    def half_then_fail(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", half_then_fail)
+
+
+def _fail_in_replace(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied", str(args[1]))
+
+    monkeypatch.setattr(checkpoint.os, "replace", fail)
+
+
+def _fail_in_safetensors_save(monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    def fail(*args: Any, **kwargs: Any) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(safetensors.torch, "save", fail)
+
+
+def _interrupt_in_torch_save(monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupt(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", interrupt)
+
+
+@pytest.mark.parametrize(
+    ("sample", "fail", "code"),
+    [
+        ("balle.pt", _fail_in_torch_save, 1),
+        ("balle.pt", _fail_in_replace, 1),
+        ("balle.safetensors", _fail_in_safetensors_save, 1),
+        ("balle.safetensors", _fail_in_replace, 1),
+        ("balle.pt", _interrupt_in_torch_save, 130),
+    ],
+)
+def test_failure_while_writing_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sample: str, fail: Callable[[pytest.MonkeyPatch], None], code: int
+) -> None:
+    work = copy_samples(tmp_path, [sample])
+    source = work / sample
+    fail(monkeypatch)
+    result = spectral("convert", source, "-o", work / ("out" + source.suffix))
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    line = one_line(result.stderr)
+    assert "internal" not in line
+    assert listing(work) == [sample] and not temp_files(work)
+
+
+def test_failure_while_overwriting_keeps_the_old_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = copy_samples(tmp_path, ["balle.pt"])
+    (work / "out.pt").write_bytes(b"previous output")
+    _fail_in_torch_save(monkeypatch)
+    result = spectral("convert", work / "balle.pt", "-o", work / "out.pt", "--force")
+    assert result.exit_code == 1
+    one_line(result.stderr)
+    assert (work / "out.pt").read_bytes() == b"previous output"
+    assert not temp_files(work)
+
+
+def test_output_that_reads_back_differently_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = copy_samples(tmp_path, ["balle.pt"])
+    monkeypatch.setattr(operations, "_same", lambda a, b: False)
+    result = spectral("convert", work / "balle.pt", "-o", work / "out.pt")
+    assert result.exit_code == 3
+    assert "read back" in one_line(result.stderr)
+    assert listing(work) == ["balle.pt"]
+
+
+def test_unwritable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = copy_samples(tmp_path, ["balle.pt"])
+
+    def denied(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(kwargs.get("dir", "")))
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", denied)
+    result = spectral("convert", work / "balle.pt")
+    assert result.exit_code == 1
+    line = one_line(result.stderr)
+    assert "Permission denied" in line and "internal" not in line
+    assert listing(work) == ["balle.pt"]
+
+
+def test_unexpected_exception_is_one_line_with_exit_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = copy_samples(tmp_path, ["balle.pt"])
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(operations, "convert_state_dict", boom)
+    result = spectral("convert", work / "balle.pt")
+    assert result.exit_code == 1
+    assert "internal error" in one_line(result.stderr) and "SPECTRAL_DEBUG" in result.stderr
+    assert listing(work) == ["balle.pt"]
+    with pytest.raises(RuntimeError, match="boom"):
+        spectral("convert", work / "balle.pt", env={"SPECTRAL_DEBUG": "1"})
+
+
+# ---- names that look like Rich markup ------------------------------------------------------------------------
+
+
+def test_file_names_are_not_read_as_markup(tmp_path: Path) -> None:
+    work = tmp_path / "run[/b]"
+    work.mkdir(parents=True)
+    source = work / "net[bold].pt"
+    source.write_bytes((make_samples.HERE / "balle.pt").read_bytes())
+    result = spectral("convert", source)
+    assert result.exit_code == 0, result.stderr
+    assert str(work / "net[bold].spectral.pt") in result.stdout
+    result = spectral("convert", source)
+    assert result.exit_code == 5
+    assert str(work / "net[bold].spectral.pt") in one_line(result.stderr)
+    result = spectral("inspect", work / "gone[/].pt")
+    assert result.exit_code == 3 and "gone[/].pt" in one_line(result.stderr)
