@@ -103,7 +103,7 @@ def spectral_parametrization_of(module: nn.Module) -> SpectralParametrization | 
 def glob_patterns(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | None:
     if value is None:
         return None
-    items = (value,) if isinstance(value, str) else tuple(value)
+    items = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Iterable) else (value,)
     if not all(isinstance(p, str) for p in items):
         raise SpectralError(f"{what} takes glob patterns (str), got {value!r}")
     return items
