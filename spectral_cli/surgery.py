@@ -259,9 +259,13 @@ def _spectral_entry(
     if key in records:
         return _module_name(key, suffix), records[key], real, False
     if 4 <= real.dim() <= 6:
-        ks = kernel_size or infer_kernel_size(key, tuple(real.shape))
+        # A given kernel size is used where it fits the shape; other layers are inferred (never left unbaked).
+        ks = tuple(kernel_size) if kernel_size is not None else ()
+        given = len(ks) == real.dim() - 3 and tuple(real.shape[-len(ks) :]) == spectral_kernel_shape(ks, "rfft")
+        if not given:
+            ks = infer_kernel_size(key, tuple(real.shape))
         if tuple(real.shape[-len(ks) :]) == spectral_kernel_shape(ks, "rfft"):
-            return _module_name(key, suffix), LayerRecord("rfft", ks, dtype_name(real.dtype)), real, kernel_size is None
+            return _module_name(key, suffix), LayerRecord("rfft", ks, dtype_name(real.dtype)), real, not given
     return None
 
 
@@ -278,7 +282,8 @@ def bake_state_dict(
     pytorch-parametrizations 1.0.0: ``<mod>.parametrizations.weight.original`` of shape ``(2, O, I, kh, b)``;
     CompressAI ``SpectralConv2d``: complex ``<mod>.weight_transformed``) the ``rfft`` layout is assumed and
     a square kernel inferred when the shape allows only that, else ``kernel_size`` must be given
-    (:class:`~spectral_cli.AmbiguousKernelSizeError`).
+    (:class:`~spectral_cli.AmbiguousKernelSizeError`). A given ``kernel_size`` applies to the record-less
+    tensors whose shape it fits; the others are still inferred.
     """
     inc, exc = glob_patterns(include, "include"), glob_patterns(exclude, "exclude")
     records = records_of(state_dict)
