@@ -240,7 +240,10 @@ def inspect(
             return
         out = _stdout()
         out.print(render.inspect_table(report))
-        out.print(render.inspect_summary(report), highlight=False, markup=False, soft_wrap=True)
+        line = render.inspect_summary(report)
+        if not all_layers and not report.layers:
+            line += "; pass --all to list the convertible conv kernels too"
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
 
     _run(as_json, body)
 

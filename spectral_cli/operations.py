@@ -71,7 +71,8 @@ class InspectReport:
     source: Path
     format: str
     layers: list[tuple[str, LayerInfo]]
-    energy: dict[str, list[float]]
+    #: radial energy profile per (location, key); absent for kernels holding NaN or Inf
+    energy: dict[tuple[str, str], list[float]]
     total_params: int
     total_bytes: int
 
@@ -158,7 +159,10 @@ def _transform_file(
         last = result
     for change in (c for _, c in report.changed):
         if not math.isfinite(change.max_error):
-            report.warnings.append(f"{change.source_key}: holds NaN or Inf values; they were carried over as they are")
+            report.warnings.append(
+                f"{change.source_key}: holds NaN or Inf values; written anyway, and the transform spreads "
+                "them over every tap of the kernels that hold them"
+            )
     if report.changed and isinstance(obj, Mapping):
         dropped = [k for k, v in obj.items() if isinstance(k, str) and is_optimizer_state(v)]
         if dropped:
@@ -205,7 +209,14 @@ def _reattach(sd: Mapping[str, Any], ck: Checkpoint) -> Mapping[str, Any]:
 
 
 def _same(a: torch.Tensor, b: Any) -> bool:
-    return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+    """Same dtype, shape and values; NaN equals NaN (a checkpoint's NaNs are carried over, not an error)."""
+    if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape):
+        return False
+    if torch.equal(a, b):
+        return True
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
 
 
 def convert_file(
@@ -269,19 +280,22 @@ def inspect_file(source: Path | str, *, include_spatial: bool = False, trust_pic
     """List a checkpoint's parametrized layers (and with ``include_spatial`` its convertible kernels)."""
     ck = load_checkpoint(source, trust_pickle=trust_pickle)
     layers: list[tuple[str, LayerInfo]] = []
-    energy: dict[str, list[float]] = {}
+    energy: dict[tuple[str, str], list[float]] = {}
     params = nbytes = 0
     for loc, sd in ck.state_dicts():
         if ck.format == SAFETENSORS:
             sd = _with_safetensors_records(sd, ck.metadata)
+        where = _location_name(loc)
         for info in describe_state_dict(sd, include_spatial=include_spatial):
-            layers.append((_location_name(loc), info))
+            layers.append((where, info))
             if info.kernel_size is not None and info.domain in ("spectral", "spatial"):
                 layout = info.basis if info.domain == "spectral" else "spatial"
                 value = sd[info.key]
+                if not bool(torch.isfinite(value).all()):  # NaN or Inf: no meaningful profile
+                    continue
                 if value.is_complex():
                     value = torch.stack((value.real, value.imag))
-                energy[info.key] = radial_energy(value, info.kernel_size, layout or "rfft")
+                energy[where, info.key] = radial_energy(value, info.kernel_size, layout or "rfft")
         for value in sd.values():
             if isinstance(value, torch.Tensor):
                 params += value.numel()

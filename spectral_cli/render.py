@@ -141,6 +141,11 @@ def file_report_summary(command: str, report: FileReport) -> str:
     return f"{verb} {len(report.changed)} layers, skipped {len(report.skipped)}; max error {worst}; {where}"
 
 
+def _finite_or_none(values: list[float] | None) -> list[float] | None:
+    """JSON has no NaN or Infinity: an energy profile of a kernel holding them is ``null``."""
+    return values if values is not None and all(math.isfinite(v) for v in values) else None
+
+
 def inspect_json(report: InspectReport) -> dict[str, Any]:
     layers = [
         {
@@ -154,7 +159,7 @@ def inspect_json(report: InspectReport) -> dict[str, Any]:
             "dtype": info.dtype,
             "params": info.params,
             "inferred": info.inferred,
-            "energy": report.energy.get(info.key),
+            "energy": _finite_or_none(report.energy.get((loc, info.key))),
         }
         for loc, info in report.layers
     ]
@@ -179,7 +184,7 @@ def inspect_table(report: InspectReport) -> Table:
     several = len({loc for loc, _ in report.layers}) > 1
     for loc, info in report.layers:
         basis = (info.basis or "-") + (" (inferred)" if info.inferred else "")
-        energy = report.energy.get(info.key)
+        energy = report.energy.get((loc, info.key))
         table.add_row(
             _where(loc, info.name, several),
             info.domain,

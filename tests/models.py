@@ -226,8 +226,13 @@ def check_file_report_json(doc: Mapping[str, Any], command: str) -> None:
         assert doc["max_error"] == max(errors)
 
 
+def _no_constant(name: str) -> Any:
+    raise AssertionError(f"{name} is not JSON")
+
+
 def parse_json(stdout: str) -> Any:
-    return json.loads(stdout)
+    """Strict JSON: NaN and Infinity (which Python's json writes and accepts) fail the test."""
+    return json.loads(stdout, parse_constant=_no_constant)
 
 
 def names(doc: Mapping[str, Any]) -> list[str]:

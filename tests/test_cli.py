@@ -34,7 +34,9 @@ from models import (
     make_samples,
     model_state,
     names,
+    parse_json,
     read,
+    rel_err,
     safetensors_metadata,
     sha256,
     spectral,
@@ -49,7 +51,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarni
 SUMMARY = re.compile(
     r"^(converted|baked) (\d+) layers, skipped (\d+); max error (\S+); (wrote|dry run, would write) (.+)$"
 )
-INSPECT_SUMMARY = re.compile(r"^(\d+) layers listed \((\d+) spectral\); [\d,]+ parameters, [\d,]+ bytes of tensors$")
+INSPECT_SUMMARY = re.compile(
+    r"^(\d+) layers listed \((\d+) spectral\); [\d,]+ parameters, [\d,]+ bytes of tensors(; pass --all .*)?$"
+)
 
 
 def summary(stdout: str) -> re.Match[str]:
@@ -198,7 +202,7 @@ def test_json_documents_follow_the_schema(tmp_path: Path, sample: str) -> None:
 
     result = spectral("convert", work / sample, "-o", out, "--json")
     assert result.exit_code == 0, result.stderr
-    doc = json.loads(result.stdout)
+    doc = parse_json(result.stdout)
     check_file_report_json(doc, "convert")
     assert names(doc) == layers
     assert (doc["written"], doc["dry_run"], doc["output"], doc["file"]) == (True, False, str(out), str(work / sample))
@@ -208,7 +212,7 @@ def test_json_documents_follow_the_schema(tmp_path: Path, sample: str) -> None:
 
     result = spectral("inspect", out, "--json")
     assert result.exit_code == 0, result.stderr
-    doc = json.loads(result.stdout)
+    doc = parse_json(result.stdout)
     check_inspect_json(doc)
     assert names(doc) == layers
     assert {layer["domain"] for layer in doc["layers"]} == {"spectral"}
@@ -216,7 +220,7 @@ def test_json_documents_follow_the_schema(tmp_path: Path, sample: str) -> None:
 
     result = spectral("inspect", work / sample, "--json", "--all")
     assert result.exit_code == 0, result.stderr
-    doc = json.loads(result.stdout)
+    doc = parse_json(result.stdout)
     check_inspect_json(doc)
     assert names(doc) == layers and {layer["domain"] for layer in doc["layers"]} == {"spatial"}
     assert doc["format"] == ("safetensors" if sample.endswith(".safetensors") else "torch")
@@ -224,7 +228,7 @@ def test_json_documents_follow_the_schema(tmp_path: Path, sample: str) -> None:
     baked = work / tagged(sample, "y")
     result = spectral("bake", out, "-o", baked, "--json")
     assert result.exit_code == 0, result.stderr
-    doc = json.loads(result.stdout)
+    doc = parse_json(result.stdout)
     check_file_report_json(doc, "bake")
     assert names(doc) == layers and doc["written"] and doc["output"] == str(baked)
 
@@ -238,6 +242,7 @@ def test_inspect_lists_the_layers(samples: Path, sample: str) -> None:
     match = INSPECT_SUMMARY.match(result.stdout.strip().splitlines()[-1])
     assert match, result.stdout
     assert int(match[1]) == int(match[2]) == (len(layers) if spectral_sample else 0)
+    assert (match[3] is None) == spectral_sample  # an empty listing points to --all
     result = spectral("inspect", samples / sample, "--all")
     assert result.exit_code == 0, result.stderr
     for layer in layers:
@@ -259,7 +264,7 @@ def test_dry_run_writes_nothing(tmp_path: Path, command: str, sample: str) -> No
     assert match[6] == str(work / tagged(sample, "spectral" if command == "convert" else "baked"))
     result = spectral(command, work / sample, "--dry-run", "--json", "-o", work / "out.pt")
     assert result.exit_code == 0, result.stderr
-    doc = json.loads(result.stdout)
+    doc = parse_json(result.stdout)
     check_file_report_json(doc, command)
     assert (doc["written"], doc["dry_run"], doc["output"]) == (False, True, str(work / "out.pt"))
     assert len(doc["layers"]) == 8
@@ -311,7 +316,7 @@ def test_include_and_exclude(tmp_path: Path, sample: str, options: list[str], ch
     out = work / "out.pt"
     result = spectral("convert", work / sample, "-o", out, "--json", *options)
     assert result.exit_code == 0, result.stderr
-    doc = json.loads(result.stdout)
+    doc = parse_json(result.stdout)
     prefix = "model." if sample == "lightning.ckpt" else ""
     assert names(doc) == [prefix + c for c in chosen]
     others = sorted(set(expected_layers(sample)) - set(names(doc)))
@@ -380,7 +385,7 @@ def test_converting_a_converted_file_writes_nothing(samples: Path) -> None:
     assert "already spectral" in result.stdout and "no file written" in result.stdout
     result = spectral("convert", samples / "balle.spectral.pt", "-o", samples / "again.pt", "--json")
     assert result.exit_code == 0
-    doc = json.loads(result.stdout)
+    doc = parse_json(result.stdout)
     check_file_report_json(doc, "convert")
     assert doc["layers"] == [] and not doc["written"] and "already spectral" in doc["message"]
     assert listing(samples) == before
@@ -412,12 +417,100 @@ def test_wrapper_prefix_module(tmp_path: Path) -> None:
     torch.save({"model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "step": 3}, source)
     result = spectral("convert", source, "--json", "--include", "conv2")
     assert result.exit_code == 0, result.stderr
-    assert names(json.loads(result.stdout)) == ["module.conv2"]
+    assert names(parse_json(result.stdout)) == ["module.conv2"]
     assert spectral("bake", tmp_path / "ddp.spectral.pt").exit_code == 0
     baked = read(tmp_path / "ddp.baked.pt")
     assert baked["step"] == 3
     unwrapped = {k.removeprefix("module."): v for k, v in baked["model_state_dict"].items()}
     assert_same_tensors(unwrapped, model.state_dict())
+
+
+def test_several_state_dicts_in_one_container(tmp_path: Path) -> None:
+    """A trainer's checkpoint with the weights and their EMA: both converted, both baked, each in its place."""
+    weights, ema = make_samples.build("conv3d", seed=0).state_dict(), make_samples.build("conv3d", seed=1).state_dict()
+    source = tmp_path / "ema.pt"
+    torch.save({"state_dict": weights, "model_ema": ema, "epoch": 4}, source)
+    result = spectral("convert", source, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = parse_json(result.stdout)
+    assert [(layer["location"], layer["name"]) for layer in doc["layers"]] == [
+        ("state_dict", "enc"),
+        ("state_dict", "dec"),
+        ("model_ema", "enc"),
+        ("model_ema", "dec"),
+    ]
+    result = spectral("inspect", tmp_path / "ema.spectral.pt", "--json")
+    doc = parse_json(result.stdout)
+    check_inspect_json(doc)
+    energy = {(layer["location"], layer["name"]): layer["energy"] for layer in doc["layers"]}
+    assert energy["state_dict", "enc"] != energy["model_ema", "enc"]  # each state dict its own profile
+    result = spectral("inspect", tmp_path / "ema.spectral.pt")
+    assert "state_dict/enc" in result.stdout and "model_ema/dec" in result.stdout
+    assert spectral("bake", tmp_path / "ema.spectral.pt").exit_code == 0
+    baked = read(tmp_path / "ema.baked.pt")
+    assert baked["epoch"] == 4
+    assert_same_tensors(baked["state_dict"], weights)
+    assert_same_tensors(baked["model_ema"], ema)
+
+
+def test_legacy_torch_file_is_written_back_as_a_zip(tmp_path: Path) -> None:
+    state = make_samples.build("conv1d").state_dict()
+    source = tmp_path / "old.pth"
+    torch.save(state, source, _use_new_zipfile_serialization=False)
+    assert source.read_bytes()[:2] != b"PK"
+    result = spectral("inspect", source, "--all", "--json")
+    assert parse_json(result.stdout)["format"] == "torch-legacy"
+    assert spectral("convert", source).exit_code == 0
+    assert (tmp_path / "old.spectral.pth").read_bytes()[:2] == b"PK"
+    assert spectral("bake", tmp_path / "old.spectral.pth").exit_code == 0
+    assert_same_tensors(read(tmp_path / "old.baked.pth"), state)
+
+
+def test_safetensors_metadata_of_the_input_is_kept(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = make_samples.build("conv1d").state_dict()
+    source = tmp_path / "m.safetensors"
+    save_file(dict(state), str(source), metadata={"format": "pt", "author": "someone", "step": "12"})
+    assert spectral("convert", source).exit_code == 0
+    meta = safetensors_metadata(tmp_path / "m.spectral.safetensors")
+    assert (meta["author"], meta["step"], meta["format"]) == ("someone", "12", "pt") and "spectral_cli" in meta
+    assert spectral("bake", tmp_path / "m.spectral.safetensors").exit_code == 0
+    assert safetensors_metadata(tmp_path / "m.baked.safetensors") == {"format": "pt", "author": "someone", "step": "12"}
+    bare = tmp_path / "bare.safetensors"
+    save_file(dict(state), str(bare))  # no metadata at all: the output still says format pt
+    assert spectral("convert", bare).exit_code == 0
+    assert safetensors_metadata(tmp_path / "bare.spectral.safetensors")["format"] == "pt"
+
+
+def test_nan_and_inf_weights_are_carried_with_a_warning(tmp_path: Path) -> None:
+    state = make_samples.build("conv1d").state_dict()
+    state["conv1.weight"][1, 0, 2] = float("nan")
+    state["conv2.weight"][0, 3, 1] = float("inf")
+    source = tmp_path / "bad.pt"
+    torch.save(state, source)
+    result = spectral("convert", source, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = parse_json(result.stdout)  # strict: no NaN in the document
+    check_file_report_json(doc, "convert")
+    assert doc["max_error"] is None and len(doc["warnings"]) == 2
+    assert "conv1.weight" in result.stderr and "conv2.weight" in result.stderr
+    for path in (source, tmp_path / "bad.spectral.pt"):
+        result = spectral("inspect", path, "--all", "--json")
+        assert result.exit_code == 0, result.stderr
+        doc = parse_json(result.stdout)
+        check_inspect_json(doc)
+        assert {layer["name"]: layer["energy"] for layer in doc["layers"]} == {"conv1": None, "conv2": None}
+    result = spectral("bake", tmp_path / "bad.spectral.pt")
+    assert result.exit_code == 0, result.stderr
+    baked = read(tmp_path / "bad.baked.pt")
+    for key, kernel in (("conv1.weight", (1, 0)), ("conv2.weight", (0, 3))):
+        original, back = state[key], baked[key]
+        assert not torch.isfinite(back[kernel]).any()  # the transform mixes every tap of that kernel
+        finite = torch.ones(original.shape[:2], dtype=torch.bool)
+        finite[kernel] = False
+        assert rel_err(back[finite], original[finite]) <= 1e-6  # every other kernel comes back
+    assert torch.equal(baked["proj.weight"], state["proj.weight"])
 
 
 # ---- real processes -----------------------------------------------------------------------------------------
@@ -433,7 +526,7 @@ def test_python_m_and_console_script(tmp_path: Path) -> None:
     work = copy_samples(tmp_path, ["balle.pt"])
     done = _run([sys.executable, "-m", "spectral_cli", "convert", "balle.pt", "--json"], work)
     assert done.returncode == 0, done.stderr
-    doc = json.loads(done.stdout)
+    doc = parse_json(done.stdout)
     check_file_report_json(doc, "convert")
     assert doc["written"] and doc["output"] == "balle.spectral.pt"
     script = shutil.which("spectral", path=str(Path(sys.executable).parent)) or shutil.which("spectral")
@@ -486,7 +579,7 @@ def test_real_architecture_round_trip(tmp_path: Path, arch: str) -> None:
 
     result = spectral("convert", source, "--json")
     assert result.exit_code == 0, result.stderr
-    doc = json.loads(result.stdout)
+    doc = parse_json(result.stdout)
     check_file_report_json(doc, "convert")
     assert names(doc) == conv_names(model)
     converted = read(tmp_path / "model.spectral.pt")
@@ -553,7 +646,7 @@ def test_bake_a_seed_checkpoint_with_a_non_square_kernel_needs_the_kernel_size(t
     assert not out.exists()
     result = spectral("bake", path, "-o", out, "--kernel-size", "3x5", "--json")
     assert result.exit_code == 0, result.stderr
-    doc = json.loads(result.stdout)
+    doc = parse_json(result.stdout)
     check_file_report_json(doc, "bake")
     assert {layer["name"]: layer["kernel_size"] for layer in doc["layers"]}["conv"] == [3, 5]
     baked = read(out)
@@ -574,7 +667,7 @@ def test_bake_a_compressai_spectral_conv(tmp_path: Path) -> None:
 
     result = spectral("bake", path, "--json")
     assert result.exit_code == 0, result.stderr
-    doc = json.loads(result.stdout)
+    doc = parse_json(result.stdout)
     check_file_report_json(doc, "bake")
     assert [(layer["source_key"], layer["key"]) for layer in doc["layers"]] == [
         ("enc.weight_transformed", "enc.weight"),

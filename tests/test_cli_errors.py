@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import copy_samples, listing, make_samples, one_line, read, sha256, spectral, temp_files
+from models import copy_samples, listing, make_samples, one_line, parse_json, read, sha256, spectral, temp_files
 from torch import nn
 
 import spectral_cli.checkpoint as checkpoint
@@ -132,7 +132,7 @@ def test_json_error_document(samples: Path) -> None:
     path = _truncated_torch(samples)
     result = spectral("convert", path, "--json")
     assert result.exit_code == 3
-    doc = json.loads(result.stdout)
+    doc = parse_json(result.stdout)
     assert doc["schema"] == 1 and doc["exit_code"] == 3 and path.name in doc["error"]
     one_line(result.stderr)
 
@@ -160,7 +160,7 @@ def test_pickled_module_with_trust_converts_to_a_state_dict(tmp_path: Path) -> N
     digest = sha256(path)
     result = spectral("convert", path, "--trust-pickle", "--json")
     assert result.exit_code == 0, result.stderr
-    assert [layer["name"] for layer in json.loads(result.stdout)["layers"]] == ["0", "2"]
+    assert [layer["name"] for layer in parse_json(result.stdout)["layers"]] == ["0", "2"]
     out = tmp_path / "module.spectral.pt"
     converted = read(out)  # weights_only: a plain state dict, no code
     assert isinstance(converted, dict) and all(isinstance(v, torch.Tensor) for v in converted.values())
