@@ -60,6 +60,14 @@ def _where(location: str, name: str, show_location: bool) -> str:
     return escape(f"{location}/{name}" if location and show_location else name or "(root)")
 
 
+def _module_of(key: str) -> str:
+    """``enc.weight`` / ``enc.parametrizations.weight.original`` / ``enc.weight_transformed`` -> ``enc``."""
+    for suffix in ("parametrizations.weight.original", "weight_transformed", "weight"):
+        if key == suffix or key.endswith("." + suffix):
+            return key.removesuffix(suffix).removesuffix(".")
+    return key
+
+
 def _table(title: str, columns: tuple[str, ...], right: tuple[str, ...]) -> Table:
     table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in columns:
@@ -128,7 +136,7 @@ def file_report_table(command: str, report: FileReport) -> Table:
             _error(c.max_error),
         )
     for loc, s in report.skipped:
-        name = s.key.removesuffix("weight").removesuffix(".")
+        name = _module_of(s.key)
         table.add_row(_where(loc, name, several), f"[dim]skipped: {escape(s.reason)}[/dim]", "", "", "", "", "")
     return table
 

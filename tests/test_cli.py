@@ -391,6 +391,28 @@ def test_converting_a_converted_file_writes_nothing(samples: Path) -> None:
     assert listing(samples) == before
 
 
+def test_convert_in_steps_with_two_bases(samples: Path) -> None:
+    """Convert the encoder (rfft), then the rest (rdft): each layer keeps its record; bake undoes both."""
+    half, full, back = samples / "half.pt", samples / "full.pt", samples / "back.pt"
+    assert spectral("convert", samples / "balle.pt", "--include", "g_a.*", "-o", half).exit_code == 0
+    result = spectral("convert", half, "--basis", "rdft", "-o", full)
+    assert result.exit_code == 0, result.stderr
+    assert "parametrizations" not in result.stdout  # skipped rows name the layer, not its key
+    assert summary(result.stdout).group(2, 3) == ("4", "4")
+    doc = parse_json(spectral("inspect", full, "--json").stdout)
+    assert {layer["name"]: layer["basis"] for layer in doc["layers"]} == {
+        **{f"g_a.{i}": "rfft" for i in (0, 2, 4, 6)},
+        **{f"g_s.{i}": "rdft" for i in (0, 2, 4, 6)},
+    }
+    model = make_samples.build("balle", seed=3)
+    register_spectral_parametrization(model, include="g_a.*")
+    register_spectral_parametrization(model, basis="rdft")
+    model.load_state_dict(read(full), strict=True)
+    assert_same_outputs(model, make_samples.build("balle"), make_samples.example_input("balle"))
+    assert spectral("bake", full, "-o", back).exit_code == 0
+    assert_same_tensors(read(back), read(samples / "balle.pt"))
+
+
 def test_converted_sample_matches_a_fresh_conversion(samples: Path) -> None:
     """balle.spectral.pt is what convert makes of balle.pt today (regenerate the samples if this fails)."""
     assert spectral("convert", samples / "balle.pt", "-o", samples / "fresh.pt").exit_code == 0
