@@ -35,15 +35,38 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from .errors import SpectralError
+from .layout import (
+    BASES,
+    DEFAULT_BASIS,
+    Basis,
+    check_basis,
+    check_kernel_size,
+    spatial_shape,
+    spectral_kernel_shape,
+    spectral_shape,
+)
 
-Basis = Literal["rfft", "rdft"]
-BASES: tuple[str, ...] = ("rfft", "rdft")
-DEFAULT_BASIS: Basis = "rfft"
+__all__ = [
+    "BASES",
+    "DEFAULT_BASIS",
+    "Basis",
+    "Matrices",
+    "apply_synthesis",
+    "check_basis",
+    "check_kernel_size",
+    "compute_dtype",
+    "matrices",
+    "spatial_shape",
+    "spectral_kernel_shape",
+    "spectral_shape",
+    "to_spatial",
+    "to_spectral",
+]
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
 
@@ -56,44 +79,6 @@ class Matrices(NamedTuple):
 
     synthesis: torch.Tensor
     analysis: torch.Tensor
-
-
-def check_basis(basis: str) -> Basis:
-    """Return ``basis`` if it names a basis, else raise :class:`SpectralError`."""
-    if basis not in BASES:
-        raise SpectralError(f"unknown basis {basis!r}: use one of {', '.join(repr(b) for b in BASES)}")
-    return basis  # type: ignore[return-value]
-
-
-def check_kernel_size(kernel_size: Sequence[int] | torch.Size) -> tuple[int, ...]:
-    """Return ``kernel_size`` as a tuple of 1 to 3 positive ints, else raise :class:`SpectralError`."""
-    if isinstance(kernel_size, int) or not isinstance(kernel_size, Sequence):
-        raise SpectralError(f"kernel_size must be a tuple of 1 to 3 ints such as conv.kernel_size, got {kernel_size!r}")
-    ks = tuple(kernel_size)
-    if not 1 <= len(ks) <= 3 or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
-        raise SpectralError(f"kernel_size must be 1 to 3 positive ints, got {kernel_size!r}")
-    return ks
-
-
-def spectral_kernel_shape(kernel_size: tuple[int, ...], basis: Basis) -> tuple[int, ...]:
-    """The trailing dims a spectral tensor has for ``kernel_size``."""
-    if basis == "rfft":
-        return (*kernel_size[:-1], kernel_size[-1] // 2 + 1)
-    return kernel_size
-
-
-def spectral_shape(weight_shape: Sequence[int], kernel_size: tuple[int, ...], basis: Basis) -> tuple[int, ...]:
-    """Shape of the spectral tensor that stores a weight of ``weight_shape``."""
-    lead = tuple(weight_shape[: len(weight_shape) - len(kernel_size)])
-    if basis == "rfft":
-        return (2, *lead, *spectral_kernel_shape(kernel_size, basis))
-    return (*lead, *kernel_size)
-
-
-def spatial_shape(stored_shape: Sequence[int], kernel_size: tuple[int, ...], basis: Basis) -> tuple[int, ...]:
-    """Shape of the weight a spectral tensor of ``stored_shape`` stands for."""
-    lead = tuple(stored_shape[1 if basis == "rfft" else 0 : len(stored_shape) - len(kernel_size)])
-    return (*lead, *kernel_size)
 
 
 def _packed_rdft_1d(n: int) -> torch.Tensor:
@@ -139,17 +124,24 @@ def _float64_matrices(basis: Basis, kernel_size: tuple[int, ...]) -> Matrices:
 
 
 @functools.cache
-def matrices(basis: Basis, kernel_size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Matrices:
+def _matrices(basis: Basis, kernel_size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Matrices:
+    return Matrices(*(t.to(device=device, dtype=dtype) for t in _float64_matrices(basis, kernel_size)))
+
+
+def matrices(
+    basis: Basis, kernel_size: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> Matrices:
     """The basis matrices for ``kernel_size`` in ``dtype`` on ``device``, built once and cached.
 
     Example:
         >>> import torch
-        >>> m = matrices("rdft", (3, 3), torch.float64, torch.device("cpu"))
+        >>> m = matrices("rdft", (3, 3), torch.float64)
         >>> torch.allclose(m.synthesis @ m.analysis, torch.eye(9, dtype=torch.float64))
         True
+        >>> m is matrices("rdft", [3, 3], torch.float64, "cpu")
+        True
     """
-    base = _float64_matrices(check_basis(basis), check_kernel_size(kernel_size))
-    return Matrices(*(t.to(device=device, dtype=dtype) for t in base))
+    return _matrices(check_basis(basis), check_kernel_size(kernel_size), dtype, torch.device(device))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -168,12 +160,16 @@ def _check_tensor(t: torch.Tensor, trailing: tuple[int, ...], what: str, lead_ra
 def to_spatial(x: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS) -> torch.Tensor:
     """Map spectral coefficients ``x`` back to spatial kernels (differentiable; keeps ``x.dtype``)."""
     ks, basis = check_kernel_size(kernel_size), check_basis(basis)
+    return apply_synthesis(x, matrices(basis, ks, compute_dtype(x.dtype), x.device).synthesis, ks, basis)
+
+
+def apply_synthesis(x: torch.Tensor, synthesis: torch.Tensor, ks: tuple[int, ...], basis: Basis) -> torch.Tensor:
+    """``to_spatial`` with the synthesis matrix given (in ``compute_dtype(x.dtype)`` on ``x.device``)."""
     trailing = spectral_kernel_shape(ks, basis)
     _check_tensor(x, trailing, f"a {basis} tensor for kernel size {ks}", 1 if basis == "rfft" else 0)
     if basis == "rfft" and x.shape[0] != 2:
         raise SpectralError(f"an rfft tensor stacks real and imaginary parts in dim 0 (size 2), got {tuple(x.shape)}")
-    cdtype = compute_dtype(x.dtype)
-    synthesis = matrices(basis, ks, cdtype, x.device).synthesis
+    cdtype = synthesis.dtype
     n_in = math.prod(trailing)
     if basis == "rfft":
         planes = x.to(cdtype).reshape(2, -1, n_in)

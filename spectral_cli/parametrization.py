@@ -16,18 +16,27 @@ Example (the seed package's README, with the import switched):
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .bases import DEFAULT_BASIS, Basis, check_basis, check_kernel_size, to_spatial, to_spectral
+from .bases import (
+    DEFAULT_BASIS,
+    Basis,
+    apply_synthesis,
+    check_basis,
+    check_kernel_size,
+    compute_dtype,
+    matrices,
+    to_spectral,
+)
 from .errors import SpectralError
+from .layout import MASKED_REASON, glob_patterns, selected
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
@@ -62,15 +71,33 @@ class SpectralParametrization(nn.Module):
         SpectralParametrization(basis='rdft')
     """
 
+    _synthesis: torch.Tensor
+
     def __init__(self, kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS) -> None:
         super().__init__()
         self.kernel_size: tuple[int, ...] = check_kernel_size(kernel_size)
         self.basis: Basis = check_basis(basis)
+        # A non-persistent buffer (not in state dicts) so that torch.compile sees a tensor input rather than
+        # tracing the matrix construction, and so that it follows .to(device).
+        self.register_buffer("_synthesis", self._matrix(torch.float32, torch.device("cpu")), persistent=False)
+
+    def _matrix(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return matrices(self.basis, self.kernel_size, compute_dtype(dtype), device).synthesis
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SpectralParametrization:
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        # .half()/.to(dtype) would round the matrix itself; take the exact one for the new device and dtype.
+        self._synthesis = self._matrix(self._synthesis.dtype, self._synthesis.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return to_spatial(x, self.kernel_size, self.basis)
+        synthesis = self._synthesis
+        if synthesis.device != x.device or synthesis.dtype != compute_dtype(x.dtype):
+            synthesis = self._synthesis = self._matrix(x.dtype, x.device)
+        return apply_synthesis(x, synthesis, self.kernel_size, self.basis)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        self._synthesis = self._matrix(w.dtype, w.device)
         return to_spectral(w, self.kernel_size, self.basis)
 
     def extra_repr(self) -> str:
@@ -100,22 +127,6 @@ def spectral_parametrization_of(module: nn.Module) -> SpectralParametrization | 
     return None
 
 
-def glob_patterns(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    items = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Iterable) else (value,)
-    if not all(isinstance(p, str) for p in items):
-        raise SpectralError(f"{what} takes glob patterns (str), got {value!r}")
-    return items
-
-
-def selected(name: str, include: tuple[str, ...] | None, exclude: tuple[str, ...] | None) -> bool:
-    """Whether a qualified name passes the include/exclude globs (``fnmatch`` rules)."""
-    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return False
-    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
-
-
 def _own_class(module: nn.Module) -> None:
     """Give a parametrized module a class of its own before changing it.
 
@@ -125,6 +136,20 @@ def _own_class(module: nn.Module) -> None:
     cls = type(module)
     namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def _is_masked(module: nn.Module, weight: torch.Tensor) -> bool:
+    """A conv whose forward masks ``weight.data`` by a ``mask`` buffer (CompressAI's ``MaskedConv2d``)."""
+    mask = getattr(module, "mask", None)
+    return isinstance(mask, torch.Tensor) and mask.shape == weight.shape
+
+
+def _clear_grad(module: nn.Module) -> None:
+    # torch keeps the Parameter object across (un)registration: a gradient from the other coordinates would
+    # be added to the new ones on the next backward (or fail on shape).
+    weight = module.weight if not parametrize.is_parametrized(module, "weight") else None
+    if isinstance(weight, torch.Tensor):
+        weight.grad = None
 
 
 def _plan_register(
@@ -146,6 +171,8 @@ def _plan_register(
             reason = "lazy module not initialized"
         elif math.prod(kernel_size) == 1:
             reason = "1x1 kernel"
+        elif _is_masked(m, weight):
+            reason = MASKED_REASON
         elif not weight.is_floating_point():
             reason = f"not a float weight ({weight.dtype})"
         else:
@@ -186,7 +213,8 @@ def register_spectral_parametrization(
     """Register (or with ``undo=True`` bake and remove) the spectral parametrization on every conv layer.
 
     Registers on every Conv1d/2d/3d and ConvTranspose1d/2d/3d (grouped and depthwise included) whose kernel
-    has more than one tap, skipping layers already spectral, so calling it twice changes nothing.
+    has more than one tap, skipping layers already spectral, so calling it twice changes nothing, and masked
+    convs (CompressAI's ``MaskedConv2d`` writes ``weight.data`` in its forward, which a parametrization ignores).
     ``undo=True`` leaves the spatial weights in place and turns the modules back into their plain classes.
     ``include``/``exclude`` are glob patterns on qualified module names (``"encoder.*"``). Everything is
     checked before the module is touched.
@@ -212,7 +240,9 @@ def register_spectral_parametrization(
         if undo:
             _own_class(m)
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+            _clear_grad(m)
         else:
+            _clear_grad(m)
             if parametrize.is_parametrized(m):
                 _own_class(m)
             kernel_size = cast(tuple[int, ...], m.kernel_size)
