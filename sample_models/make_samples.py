@@ -145,19 +145,15 @@ def lightning_checkpoint(model: nn.Module) -> dict[str, Any]:
 
 def make_samples(out: Path) -> list[Path]:
     """Write every sample into ``out``; return their paths."""
-    from safetensors.torch import save
-
     from spectral_cli.operations import convert_file
 
     out.mkdir(parents=True, exist_ok=True)
+    deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
-    files: dict[str, bytes] = {}
-    balle = build("balle").state_dict()
-    files["balle.pt"] = torch_bytes(balle)
-    files["balle.safetensors"] = save({k: v.contiguous() for k, v in balle.items()}, metadata={"format": "pt"})
-    files["lightning.ckpt"] = torch_bytes(lightning_checkpoint(build("balle").train()))
-    files["conv1d.pt"] = torch_bytes(build("conv1d").state_dict())
-    files["conv3d.pt"] = torch_bytes(build("conv3d").state_dict())
+    try:
+        files = _sample_bytes()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     paths = []
     for name, data in files.items():
         (out / name).write_bytes(data)
@@ -167,6 +163,19 @@ def make_samples(out: Path) -> list[Path]:
     convert_file(out / "balle.pt", spectral, force=True)
     paths.append(spectral)
     return paths
+
+
+def _sample_bytes() -> dict[str, bytes]:
+    from safetensors.torch import save
+
+    files: dict[str, bytes] = {}
+    balle = build("balle").state_dict()
+    files["balle.pt"] = torch_bytes(balle)
+    files["balle.safetensors"] = save({k: v.contiguous() for k, v in balle.items()}, metadata={"format": "pt"})
+    files["lightning.ckpt"] = torch_bytes(lightning_checkpoint(build("balle").train()))
+    files["conv1d.pt"] = torch_bytes(build("conv1d").state_dict())
+    files["conv3d.pt"] = torch_bytes(build("conv3d").state_dict())
+    return files
 
 
 def main(argv: list[str]) -> None:
