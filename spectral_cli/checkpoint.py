@@ -14,11 +14,7 @@ and is loaded only with ``trust_pickle=True``; its state dict is used from then 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import pickle
-import struct
-import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,11 +24,8 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, RefusedError
-
-SAFETENSORS = "safetensors"
-TORCH = "torch"
-TORCH_LEGACY = "torch-legacy"
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+from .formats import SAFETENSORS, TORCH, atomic_file, detect_format
+from .stream import read_header
 
 #: keys under which trainers (timm, Lightning, DeepSpeed, plain scripts) keep weights, in search order
 STATE_DICT_KEYS = (
@@ -49,32 +42,6 @@ STATE_DICT_KEYS = (
 )
 #: prefixes that wrappers add to every key (DDP/DataParallel, torch.compile, Lightning's ``self.model``)
 KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
-
-_MAX_SAFETENSORS_HEADER = 100_000_000
-
-
-def detect_format(path: Path) -> str:
-    """The checkpoint format of ``path``, read from its first bytes."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file; check the path")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory; pass a checkpoint file")
-    try:
-        with path.open("rb") as f:
-            head = f.read(9)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
-    if not head:
-        raise CheckpointError(f"{path}: is empty; pass a checkpoint written by torch.save or safetensors")
-    if head.startswith(b"PK\x03\x04"):
-        return TORCH
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        return TORCH_LEGACY
-    if len(head) == 9 and head[8:9] == b"{":
-        (size,) = struct.unpack("<Q", head[:8])
-        if 0 < size <= _MAX_SAFETENSORS_HEADER:
-            return SAFETENSORS
-    raise CheckpointError(f"{path}: not a checkpoint spectral_cli can read (expected a torch.save file or safetensors)")
 
 
 @dataclass
@@ -206,87 +173,21 @@ def load_checkpoint(path: Path | str, *, trust_pickle: bool = False) -> Checkpoi
     return Checkpoint(path, fmt, obj, locations, metadata, conv_modules)
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """The tensor entries and ``__metadata__`` of a safetensors file, from its header alone."""
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors header")
-        (size,) = struct.unpack("<Q", raw)
-        header_bytes = f.read(size)
-    if len(header_bytes) != size:
-        raise CheckpointError(f"{path}: truncated safetensors header ({len(header_bytes)} of {size} bytes)")
-    try:
-        header = json.loads(header_bytes)
-    except ValueError:
-        raise CheckpointError(f"{path}: damaged safetensors header (not JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: damaged safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    return header, {str(k): str(v) for k, v in metadata.items()}
-
-
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
-    _, metadata = read_safetensors_header(path)
+    metadata = read_header(path).metadata
     with safe_open(str(path), framework="pt", device="cpu") as f:  # type: ignore[no-untyped-call]
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     return tensors, metadata
 
 
-def output_format(path: Path, input_format: str) -> str:
-    """The format to write: from the output's extension when it names one, else the input's."""
-    if path.suffix == ".safetensors":
-        return SAFETENSORS
-    if path.suffix in TORCH_SUFFIXES:
-        return TORCH
-    return TORCH if input_format == TORCH_LEGACY else input_format
-
-
-def check_output(source: Path, target: Path, *, force: bool) -> None:
-    """Refuse writing over the input, into a missing directory, or over an existing file without ``force``."""
-    if target.exists() and (target.resolve() == source.resolve() or os.path.samefile(target, source)):
-        raise RefusedError(f"{target}: is the input file; choose another output with -o")
-    if target.is_dir():
-        raise RefusedError(f"{target}: is a directory; give a file name with -o")
-    if not target.parent.is_dir():
-        raise RefusedError(f"{target}: its directory does not exist; create it or choose another -o")
-    if target.exists() and not force:
-        raise RefusedError(f"{target}: already exists; pass --force to overwrite it")
-
-
 def write_atomic(target: Path, fmt: str, obj: Any, metadata: Mapping[str, str] | None = None) -> None:
-    """Write to a temporary file beside ``target``, flush it to disk, then rename it over ``target``.
+    """Write ``obj`` with ``torch.save`` (or safetensors) to ``target`` atomically; see :class:`atomic_file`."""
+    with atomic_file(target) as f:
+        if fmt == SAFETENSORS:
+            from safetensors.torch import save
 
-    A crash or error at any point leaves no partial file; the temporary file is removed.
-    """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # mkstemp makes the file readable by its owner only; give it the mode any new file gets.
-            os.chmod(tmp, _new_file_mode())
-            if fmt == SAFETENSORS:
-                from safetensors.torch import save
-
-                f.write(save(_contiguous(obj), metadata=dict(metadata or {})))
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _new_file_mode() -> int:
-    """``0o666`` less the process umask: the permissions ``open(path, "w")`` would give a new file."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.contiguous() for k, v in tensors.items()}
+            f.write(save({k: v.contiguous() for k, v in obj.items()}, metadata=dict(metadata or {})))
+        else:
+            torch.save(obj, f)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -118,6 +119,32 @@ def _parse_kernel_size(text: str | None) -> tuple[int, ...] | None:
     return parts
 
 
+@contextmanager
+def _progress(enabled: bool, what: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A Rich progress bar on stderr (bytes written), only when stderr is a terminal."""
+    err = _stderr()
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
 def _print_report(command: str, report: Any, as_json: bool, dry_run: bool) -> None:
     from . import render
 
@@ -135,13 +162,23 @@ def _print_report(command: str, report: Any, as_json: bool, dry_run: bool) -> No
     out.print(render.file_report_summary(command, report), highlight=False, markup=False, soft_wrap=True)
 
 
-InputArg = Annotated[Path, typer.Argument(help="Checkpoint: torch.save file (.pt/.pth/.bin/.ckpt) or .safetensors.")]
+InputArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Checkpoint: torch.save file (.pt/.pth/.bin/.ckpt), .safetensors, or a directory of safetensors shards."
+    ),
+]
 OutputOpt = Annotated[
     Path | None, typer.Option("-o", "--output", help="Output file (default: next to the input).", show_default=False)
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of a table.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would change; write nothing.")]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option("--max-shard-size", help="Write safetensors shards of at most this size (e.g. 2GB) and an index."),
+]
 TrustOpt = Annotated[
     bool,
     typer.Option("--trust-pickle", help="Allow loading a pickled nn.Module. This RUNS CODE from the file."),
@@ -162,23 +199,29 @@ def convert(
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    max_shard_size: ShardOpt = None,
     trust_pickle: TrustOpt = False,
 ) -> None:
     """Turn a checkpoint's conv kernels into spectral 'original' tensors, as torch.nn.utils.parametrize stores them."""
 
     def body() -> None:
-        from .operations import convert_file
+        from .operations import convert_file, parse_size
 
-        report = convert_file(
-            input,
-            output,
-            basis=basis.value,
-            include=include,
-            exclude=exclude,
-            dry_run=dry_run,
-            force=force,
-            trust_pickle=trust_pickle,
-        )
+        shard = None if max_shard_size is None else parse_size(max_shard_size)
+        with _progress(not (quiet or as_json), "converting") as progress:
+            report = convert_file(
+                input,
+                output,
+                basis=basis.value,
+                include=include,
+                exclude=exclude,
+                dry_run=dry_run,
+                force=force,
+                trust_pickle=trust_pickle,
+                max_shard_size=shard,
+                progress=progress,
+            )
         _print_report("convert", report, as_json, dry_run)
 
     _run(as_json, body)
@@ -195,23 +238,29 @@ def bake(
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    max_shard_size: ShardOpt = None,
     trust_pickle: TrustOpt = False,
 ) -> None:
     """Turn spectral tensors back into plain spatial weights, in their original dtype, for deployment."""
 
     def body() -> None:
         from .errors import AmbiguousKernelSizeError
-        from .operations import bake_file
+        from .operations import bake_file, parse_size
 
+        shard = None if max_shard_size is None else parse_size(max_shard_size)
         try:
-            report = bake_file(
-                input,
-                output,
-                kernel_size=_parse_kernel_size(kernel_size),
-                dry_run=dry_run,
-                force=force,
-                trust_pickle=trust_pickle,
-            )
+            with _progress(not (quiet or as_json), "baking") as progress:
+                report = bake_file(
+                    input,
+                    output,
+                    kernel_size=_parse_kernel_size(kernel_size),
+                    dry_run=dry_run,
+                    force=force,
+                    trust_pickle=trust_pickle,
+                    max_shard_size=shard,
+                    progress=progress,
+                )
         except AmbiguousKernelSizeError as e:
             if "--kernel-size" in str(e):
                 raise
@@ -226,15 +275,24 @@ def inspect(
     input: InputArg,
     as_json: JsonOpt = False,
     all_layers: Annotated[bool, typer.Option("--all", help="Also list convertible spatial conv kernels.")] = False,
+    energy: Annotated[
+        bool | None,
+        typer.Option(
+            "--energy/--no-energy",
+            help="Frequency profile of each kernel (reads the tensors). Default: on for torch files, off for "
+            "safetensors, which are listed from their header alone.",
+            show_default=False,
+        ),
+    ] = None,
     trust_pickle: TrustOpt = False,
 ) -> None:
     """List the parametrized layers: spectral ones with basis and kernel size, and other parametrizations."""
 
     def body() -> None:
         from . import render
-        from .operations import inspect_file
+        from .inspection import inspect_file
 
-        report = inspect_file(input, include_spatial=all_layers, trust_pickle=trust_pickle)
+        report = inspect_file(input, include_spatial=all_layers, trust_pickle=trust_pickle, energy=energy)
         if as_json:
             typer.echo(json.dumps(render.inspect_json(report), indent=2))
             return

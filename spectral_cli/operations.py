@@ -1,12 +1,17 @@
-"""The three file operations behind the command line: convert, bake, inspect.
+"""Convert and bake whole checkpoint files; the work behind ``spectral convert`` and ``spectral bake``.
 
-Each reads a checkpoint (:mod:`spectral_cli.checkpoint`), applies the pure state-dict surgery
-(:mod:`spectral_cli.surgery`) to every state dict in it, keeps everything else in the container as it was,
-writes atomically, reads the written file back and compares, and returns a report. No printing.
+Two paths, one plan (:mod:`spectral_cli.layout`):
+
+* torch files are loaded (``weights_only=True``, ``mmap=True``), every state dict in the container goes through
+  the pure surgery, everything else in the container is kept, and the result is written atomically, read back
+  and compared;
+* safetensors files and sharded directories are streamed: the output header is laid out from the plan, then
+  each converted tensor is read, transformed and written on its own, and every other tensor is copied as raw
+  bytes. Memory stays near the largest converted tensor. The written headers are read back and checked.
 
 Where the records go: torch files carry them in each state dict's ``_metadata`` (see
 :mod:`spectral_cli.surgery`); safetensors files in ``__metadata__["spectral_cli"]`` as JSON, beside the
-existing entries and ``"format": "pt"``.
+existing entries and ``"format": "pt"``. No printing here: progress is reported through a callback.
 """
 
 from __future__ import annotations
@@ -14,9 +19,13 @@ from __future__ import annotations
 import glob
 import json
 import math
-from collections import OrderedDict
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +34,39 @@ import torch
 from . import __version__
 from .checkpoint import (
     KEY_PREFIXES,
-    SAFETENSORS,
     Checkpoint,
-    check_output,
     get_at,
     is_optimizer_state,
     load_checkpoint,
-    output_format,
     set_at,
     write_atomic,
 )
 from .errors import CheckpointError, NothingToDoError, RefusedError
-from .spectrum import radial_energy
+from .formats import (
+    INDEX_SUFFIX,
+    SAFETENSORS,
+    SHARDED,
+    check_output,
+    default_output,
+    detect_format,
+    output_format,
+)
+from .layout import LayerRecord, Plan, Step, TensorSpec, plan_bake, plan_convert, records_from_json, records_to_json
+from .stream import Header, SafetensorsInput, open_safetensors, read_header, read_tensor, write_stream
 from .surgery import (
     METADATA_KEY,
     LayerChange,
-    LayerInfo,
     Skipped,
     SurgeryResult,
     bake_state_dict,
+    bake_tensor,
     convert_state_dict,
-    describe_state_dict,
+    convert_tensor,
     records_of,
 )
+
+#: ``progress(bytes_done, bytes_total)``
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -64,17 +83,7 @@ class FileReport:
     warnings: list[str] = field(default_factory=list)
     written: bool = False
     message: str = ""
-
-
-@dataclass
-class InspectReport:
-    source: Path
-    format: str
-    layers: list[tuple[str, LayerInfo]]
-    #: radial energy profile per (location, key); absent for kernels holding NaN or Inf
-    energy: dict[tuple[str, str], list[float]]
-    total_params: int
-    total_bytes: int
+    files: list[Path] = field(default_factory=list)
 
 
 def key_prefix(keys: Iterable[str]) -> str:
@@ -95,74 +104,44 @@ def _prefixed(patterns: Sequence[str] | None, prefix: str) -> list[str] | None:
     return None if patterns is None else [glob.escape(prefix) + p for p in patterns]
 
 
-def _with_safetensors_records(sd: Mapping[str, Any], metadata: Mapping[str, str]) -> OrderedDict[str, Any]:
-    out = OrderedDict(sd)
-    raw = metadata.get(METADATA_KEY)
-    if raw:
-        try:
-            out._metadata = OrderedDict({METADATA_KEY: json.loads(raw)})  # type: ignore[attr-defined]
-        except ValueError:
-            raise CheckpointError(
-                f"unreadable {METADATA_KEY} entry in the safetensors metadata: {raw[:80]!r}"
-            ) from None
-    return out
+def parse_size(text: str) -> int:
+    """``"500MB"``, ``"2GiB"``, ``"1048576"`` -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    cleaned = text.strip().upper().replace(" ", "")
+    number = cleaned.rstrip("KMGIB")
+    try:
+        size = int(float(number) * units[cleaned[len(number) :]])
+    except (ValueError, KeyError):
+        raise RefusedError(f"--max-shard-size {text!r}: give a size like 500MB, 2GB or 1GiB") from None
+    if size <= 0:
+        raise RefusedError(f"--max-shard-size {text!r}: must be positive")
+    return size
 
 
-def _safetensors_metadata(base: Mapping[str, str], result: SurgeryResult) -> dict[str, str]:
-    meta = {k: v for k, v in base.items() if k != METADATA_KEY}
-    meta.setdefault("format", "pt")
-    if result.records:
-        layers = {k: r.to_json() for k, r in result.records.items()}
-        meta[METADATA_KEY] = json.dumps({"version": __version__, "layers": layers}, sort_keys=True)
-    return meta
+# ---- torch files: in memory -----------------------------------------------------------------------------------
 
 
-def default_output(source: Path, tag: str, fmt: str) -> Path:
-    """``model.pt`` -> ``model.<tag>.pt`` (an earlier ``.spectral``/``.baked`` tag is replaced)."""
-    stem = source.stem
-    for old in (".spectral", ".baked"):
-        stem = stem.removesuffix(old)
-    suffix = ".safetensors" if fmt == SAFETENSORS else (source.suffix or ".pt")
-    if fmt != SAFETENSORS and suffix == ".safetensors":
-        suffix = ".pt"
-    return source.with_name(f"{stem}.{tag}{suffix}")
-
-
-def _location_name(loc: tuple[str, ...]) -> str:
-    return "/".join(loc)
-
-
-def _transform_file(
-    source: Path | str,
-    output: Path | str | None,
+def _transform_torch(
+    source: Path,
+    output: Path | None,
     tag: str,
     surgery: Callable[[Mapping[str, Any], str, Checkpoint], SurgeryResult],
     *,
     dry_run: bool,
     force: bool,
     trust_pickle: bool,
-) -> tuple[FileReport, Checkpoint]:
-    source = Path(source)
+) -> FileReport:
     ck = load_checkpoint(source, trust_pickle=trust_pickle)
     obj = ck.obj
     report = FileReport(source, None, ck.format, None)
-    last: SurgeryResult | None = None
     for loc, sd in ck.state_dicts():
         if ck.format == SAFETENSORS:
-            sd = _with_safetensors_records(sd, ck.metadata)
-        prefix = key_prefix(sd)
-        result = surgery(sd, prefix, ck)
-        where = _location_name(loc)
+            sd = _with_records(sd, ck.metadata)
+        result = surgery(sd, key_prefix(sd), ck)
+        where = "/".join(loc)
         report.changed += [(where, c) for c in result.changed]
         report.skipped += [(where, s) for s in result.skipped]
         obj = set_at(obj, loc, result.state_dict)
-        last = result
-    for change in (c for _, c in report.changed):
-        if not math.isfinite(change.max_error):
-            report.warnings.append(
-                f"{change.source_key}: holds NaN or Inf values; written anyway, and the transform spreads "
-                "them over every tap of the kernels that hold them"
-            )
     if report.changed and isinstance(obj, Mapping):
         dropped = [k for k, v in obj.items() if isinstance(k, str) and is_optimizer_state(v)]
         if dropped:
@@ -173,39 +152,49 @@ def _transform_file(
                 "rebuild the optimizer after loading"
             )
     if not report.changed:
-        return report, ck
-    target = Path(output) if output is not None else default_output(source, tag, output_format(source, ck.format))
+        return report
+    target = output if output is not None else default_output(source, tag, output_format(source, ck.format))
     fmt = output_format(target, ck.format)
     report.target, report.output_format = target, fmt
     if fmt == SAFETENSORS and ck.locations != [()]:
         raise RefusedError(f"{target}: safetensors holds only tensors, and {source} is a container; write a .pt file")
     check_output(source, target, force=force)
     if dry_run:
-        return report, ck
-    assert last is not None
-    metadata = _safetensors_metadata(ck.metadata, last) if fmt == SAFETENSORS else None
+        return report
+    metadata = None
+    if fmt == SAFETENSORS:
+        records = records_of(get_at(obj, ()))
+        metadata = _file_metadata(ck.metadata, records, None)
     write_atomic(target, fmt, obj, metadata)
-    _verify(target, obj, ck.locations)
-    report.written = True
-    return report, ck
+    _verify_torch(target, obj, ck.locations)
+    report.written, report.files = True, [target]
+    return report
 
 
-def _verify(target: Path, written: Any, locations: list[tuple[str, ...]]) -> None:
+def _verify_torch(target: Path, written: Any, locations: list[tuple[str, ...]]) -> None:
     """Read the output back and compare every tensor with what was meant to be written."""
     back = load_checkpoint(target)
     for loc in locations:
         expected, actual = get_at(written, loc), get_at(back.obj, loc)
+        if back.format == SAFETENSORS:
+            actual = _with_records(actual, back.metadata)
         bad = [k for k, v in expected.items() if isinstance(v, torch.Tensor) and not _same(v, actual.get(k))]
         if bad or set(expected) != set(actual):
             target.unlink(missing_ok=True)
             raise CheckpointError(f"{target}: read back differently from what was written ({bad[:3]}); removed it")
-        if records_of(expected) and records_of(expected) != records_of(_reattach(actual, back)):
+        if records_of(expected) != records_of(actual):
             target.unlink(missing_ok=True)
             raise CheckpointError(f"{target}: lost its spectral records on writing; removed it")
 
 
-def _reattach(sd: Mapping[str, Any], ck: Checkpoint) -> Mapping[str, Any]:
-    return _with_safetensors_records(sd, ck.metadata) if ck.format == SAFETENSORS else sd
+def _with_records(sd: Mapping[str, Any], metadata: Mapping[str, str]) -> Mapping[str, Any]:
+    from collections import OrderedDict
+
+    out = OrderedDict(sd)
+    raw = metadata.get(METADATA_KEY)
+    if raw:
+        out._metadata = OrderedDict({METADATA_KEY: json.loads(raw)})  # type: ignore[attr-defined]
+    return out
 
 
 def _same(a: torch.Tensor, b: Any) -> bool:
@@ -219,6 +208,182 @@ def _same(a: torch.Tensor, b: Any) -> bool:
     return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
 
 
+def _file_metadata(
+    base: Mapping[str, str], records: Mapping[str, LayerRecord], keys: Iterable[str] | None
+) -> dict[str, str]:
+    """A safetensors file's ``__metadata__``: the input's entries, ``format: pt``, and its records."""
+    meta = {k: v for k, v in base.items() if k != METADATA_KEY}
+    meta.setdefault("format", "pt")
+    mine = dict(records) if keys is None else {k: records[k] for k in keys if k in records}
+    if mine:
+        meta[METADATA_KEY] = json.dumps(records_to_json(mine, __version__), sort_keys=True)
+    return meta
+
+
+# ---- safetensors: streamed ------------------------------------------------------------------------------------
+
+
+def _merged_records(st: SafetensorsInput) -> dict[str, LayerRecord]:
+    records: dict[str, LayerRecord] = {}
+    for doc in st.records_json:
+        records.update(records_from_json(doc))
+    return records
+
+
+def _shard_layout(
+    st: SafetensorsInput, plan: Plan, out_specs: Mapping[str, TensorSpec], max_shard_size: int | None
+) -> dict[str, list[str]]:
+    """Output file name -> its keys. One file; the input's shards; or new shards of at most ``max_shard_size``."""
+    if max_shard_size is None:
+        if st.index_path is None:
+            return {"": list(out_specs)}
+        source_of = {s.target_key: s.source_key for s in plan.steps}
+        layout: dict[str, list[str]] = {h.path.name: [] for h in st.headers}
+        for key in out_specs:
+            layout[st.owner[source_of.get(key, key)].path.name].append(key)
+        return layout
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, spec in out_specs.items():
+        if shards[-1] and size + spec.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += spec.nbytes
+    n = len(shards)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": keys for i, keys in enumerate(shards)}
+
+
+def _transform_safetensors(
+    source: Path,
+    output: Path | None,
+    tag: str,
+    planner: Callable[[dict[str, TensorSpec], dict[str, LayerRecord], str], Plan],
+    execute: Callable[[Step, torch.Tensor], tuple[torch.Tensor, LayerChange]],
+    *,
+    dry_run: bool,
+    force: bool,
+    max_shard_size: int | None,
+    progress: Progress | None,
+) -> FileReport:
+    st = open_safetensors(source)
+    specs = st.specs
+    plan = planner(specs, _merged_records(st), key_prefix(specs))
+    fmt_in = SHARDED if st.index_path is not None else SAFETENSORS
+    report = FileReport(source, None, fmt_in, None)
+    report.skipped = [("", Skipped(s.key, s.reason)) for s in plan.skipped]
+    if not plan.steps:
+        return report
+    out_specs = plan.output_specs(specs)
+    layout = _shard_layout(st, plan, out_specs, max_shard_size)
+    sharded = list(layout) != [""]
+    fmt_out = SHARDED if sharded else SAFETENSORS
+    if output is not None and not sharded and output_format(output, SAFETENSORS) != SAFETENSORS:
+        raise RefusedError(f"{output}: sharded safetensors are written as safetensors; give a directory with -o")
+    target = output if output is not None else default_output(source, tag, fmt_out)
+    report.target, report.output_format = target, fmt_out
+    check_output(source if st.index_path is None else st.index_path.parent, target, force=force, directory=sharded)
+    by_target = {s.target_key: s for s in plan.steps}
+    done, total = 0, sum(spec.nbytes for spec in out_specs.values())
+
+    with ExitStack() as stack:
+        handles: dict[Path, BufferedReader] = {}
+
+        def handle(header: Header) -> BufferedReader:
+            if header.path not in handles:
+                handles[header.path] = stack.enter_context(header.path.open("rb"))
+            return handles[header.path]
+
+        def produce(key: str) -> Any:
+            step = by_target.get(key)
+            if step is None:
+                entry = st.owner[key].entries[key]
+                return handle(st.owner[key]), entry.start, entry.end
+            header = st.owner[step.source_key]
+            tensor, change = execute(step, read_tensor(handle(header), header.entries[step.source_key]))
+            report.changed.append(("", change))
+            return tensor
+
+        def tick(nbytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            if progress is not None:
+                progress(done, total)
+
+        if dry_run:
+            for step in plan.steps:
+                produce(step.target_key)
+            return report
+        if not sharded:
+            meta = _file_metadata(st.headers[0].metadata, plan.records, None)
+            write_stream(target, out_specs, meta, produce, tick)
+            _verify_headers({target: (out_specs, meta)})
+            report.files = [target]
+        else:
+            report.files = _write_sharded(st, target, layout, out_specs, plan, produce, tick, force)
+    report.written = True
+    return report
+
+
+def _write_sharded(
+    st: SafetensorsInput,
+    target: Path,
+    layout: Mapping[str, list[str]],
+    out_specs: Mapping[str, TensorSpec],
+    plan: Plan,
+    produce: Callable[[str], Any],
+    tick: Callable[[int], None],
+    force: bool,
+) -> list[Path]:
+    """Write every shard and the index into a temporary directory beside ``target``, then rename it."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        base_meta = {h.path.name: h.metadata for h in st.headers}
+        first = st.headers[0].metadata
+        expected = {}
+        for name, keys in layout.items():
+            meta = _file_metadata(base_meta.get(name, first), plan.records, keys)
+            specs = {k: out_specs[k] for k in keys}
+            write_stream(staging / name, specs, meta, produce, tick)
+            expected[staging / name] = (specs, meta)
+        _verify_headers(expected)
+        index_meta = dict(st.index.get("metadata") or {}) if isinstance(st.index.get("metadata"), dict) else {}
+        index_meta["total_size"] = sum(spec.nbytes for spec in out_specs.values())
+        weight_map = {k: name for name, keys in layout.items() for k in keys}
+        index_name = st.index_path.name if st.index_path is not None else f"model{INDEX_SUFFIX}"
+        (staging / index_name).write_text(json.dumps({"metadata": index_meta, "weight_map": weight_map}, indent=2))
+        os.chmod(staging, 0o777 & ~_umask())
+        if target.exists() and force:
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / "previous")
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [target / name for name in layout] + [target / index_name]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _verify_headers(expected: Mapping[Path, tuple[Mapping[str, TensorSpec], Mapping[str, str]]]) -> None:
+    """Read each written header back: every tensor where planned, with the planned records."""
+    for path, (specs, meta) in expected.items():
+        header = read_header(path)
+        if header.specs != dict(specs) or header.metadata != dict(meta):
+            path.unlink(missing_ok=True)
+            raise CheckpointError(f"{path}: read back differently from what was written; removed it")
+
+
+# ---- the two operations ---------------------------------------------------------------------------------------
+
+
 def convert_file(
     source: Path | str,
     output: Path | str | None = None,
@@ -229,26 +394,40 @@ def convert_file(
     dry_run: bool = False,
     force: bool = False,
     trust_pickle: bool = False,
+    max_shard_size: int | None = None,
+    progress: Progress | None = None,
 ) -> FileReport:
     """Convert a checkpoint's conv kernels to spectral tensors and write the result next to it."""
+    source = Path(source)
+    out = None if output is None else Path(output)
+    if _streams(source, out, max_shard_size):
 
-    def surgery(sd: Mapping[str, Any], prefix: str, ck: Checkpoint) -> SurgeryResult:
-        excl = list(_prefixed(exclude, prefix) or [])
-        if ck.conv_modules is not None:  # a walked module: only its real conv layers
-            kernels = {k.removesuffix(".weight") for k in sd if k.endswith(".weight")}
-            excl += [glob.escape(n) for n in sorted(kernels - ck.conv_modules)]
-        return convert_state_dict(sd, basis=basis, include=_prefixed(include, prefix), exclude=excl or None)  # type: ignore[arg-type]
+        def planner(specs: dict[str, TensorSpec], records: dict[str, LayerRecord], prefix: str) -> Plan:
+            return plan_convert(specs, records, basis=basis, include=_prefixed(include, prefix),  # type: ignore[arg-type]
+                                exclude=_prefixed(exclude, prefix))  # fmt: skip
 
-    report, ck = _transform_file(
-        source, output, "spectral", surgery, dry_run=dry_run, force=force, trust_pickle=trust_pickle
-    )
+        report = _transform_safetensors(source, out, "spectral", planner, convert_tensor, dry_run=dry_run,
+                                        force=force, max_shard_size=max_shard_size, progress=progress)  # fmt: skip
+    else:
+        _no_sharding(max_shard_size, source)
+
+        def surgery(sd: Mapping[str, Any], prefix: str, ck: Checkpoint) -> SurgeryResult:
+            excl = list(_prefixed(exclude, prefix) or [])
+            if ck.conv_modules is not None:  # a walked module: only its real conv layers
+                kernels = {k.removesuffix(".weight") for k in sd if k.endswith(".weight")}
+                excl += [glob.escape(n) for n in sorted(kernels - ck.conv_modules)]
+            return convert_state_dict(sd, basis=basis, include=_prefixed(include, prefix), exclude=excl or None)  # type: ignore[arg-type]
+
+        report = _transform_torch(source, out, "spectral", surgery, dry_run=dry_run, force=force,
+                                  trust_pickle=trust_pickle)  # fmt: skip
+    _warn_nonfinite(report)
     if not report.changed:
         already = [s for _, s in report.skipped if s.reason == "already spectral"]
         if already:
             report.message = f"nothing to convert: {len(already)} layers are already spectral; no file written"
             return report
         raise NothingToDoError(
-            f"{ck.path}: no convertible conv kernels (float weights of rank 3 to 5 with more "
+            f"{source}: no convertible conv kernels (float weights of rank 3 to 5 with more "
             "than one tap); nothing to convert"
         )
     return report
@@ -262,42 +441,50 @@ def bake_file(
     dry_run: bool = False,
     force: bool = False,
     trust_pickle: bool = False,
+    max_shard_size: int | None = None,
+    progress: Progress | None = None,
 ) -> FileReport:
     """Bake every spectral tensor of a checkpoint back to a spatial weight in its original dtype."""
+    source = Path(source)
+    out = None if output is None else Path(output)
+    if _streams(source, out, max_shard_size):
 
-    def surgery(sd: Mapping[str, Any], prefix: str, ck: Checkpoint) -> SurgeryResult:
-        return bake_state_dict(sd, kernel_size=kernel_size)
+        def planner(specs: dict[str, TensorSpec], records: dict[str, LayerRecord], prefix: str) -> Plan:
+            return plan_bake(specs, records, kernel_size=kernel_size)
 
-    report, ck = _transform_file(
-        source, output, "baked", surgery, dry_run=dry_run, force=force, trust_pickle=trust_pickle
-    )
+        report = _transform_safetensors(source, out, "baked", planner, bake_tensor, dry_run=dry_run, force=force,
+                                        max_shard_size=max_shard_size, progress=progress)  # fmt: skip
+    else:
+        _no_sharding(max_shard_size, source)
+
+        def surgery(sd: Mapping[str, Any], prefix: str, ck: Checkpoint) -> SurgeryResult:
+            return bake_state_dict(sd, kernel_size=kernel_size)
+
+        report = _transform_torch(source, out, "baked", surgery, dry_run=dry_run, force=force,
+                                  trust_pickle=trust_pickle)  # fmt: skip
+    _warn_nonfinite(report)
     if not report.changed:
-        raise NothingToDoError(f"{ck.path}: no spectral tensors; nothing to bake")
+        raise NothingToDoError(f"{source}: no spectral tensors; nothing to bake")
     return report
 
 
-def inspect_file(source: Path | str, *, include_spatial: bool = False, trust_pickle: bool = False) -> InspectReport:
-    """List a checkpoint's parametrized layers (and with ``include_spatial`` its convertible kernels)."""
-    ck = load_checkpoint(source, trust_pickle=trust_pickle)
-    layers: list[tuple[str, LayerInfo]] = []
-    energy: dict[tuple[str, str], list[float]] = {}
-    params = nbytes = 0
-    for loc, sd in ck.state_dicts():
-        if ck.format == SAFETENSORS:
-            sd = _with_safetensors_records(sd, ck.metadata)
-        where = _location_name(loc)
-        for info in describe_state_dict(sd, include_spatial=include_spatial):
-            layers.append((where, info))
-            if info.kernel_size is not None and info.domain in ("spectral", "spatial"):
-                layout = info.basis if info.domain == "spectral" else "spatial"
-                value = sd[info.key]
-                if not bool(torch.isfinite(value).all()):  # NaN or Inf: no meaningful profile
-                    continue
-                if value.is_complex():
-                    value = torch.stack((value.real, value.imag))
-                energy[where, info.key] = radial_energy(value, info.kernel_size, layout or "rfft")
-        for value in sd.values():
-            if isinstance(value, torch.Tensor):
-                params += value.numel()
-                nbytes += value.numel() * value.element_size()
-    return InspectReport(Path(source), ck.format, layers, energy, params, nbytes)
+def _streams(source: Path, output: Path | None, max_shard_size: int | None) -> bool:
+    """safetensors in and out (or shards): streamed. Anything involving a torch file goes through memory."""
+    fmt = detect_format(source)
+    if fmt == SHARDED or max_shard_size is not None:
+        return True
+    return fmt == SAFETENSORS and (output is None or output_format(output, SAFETENSORS) == SAFETENSORS)
+
+
+def _no_sharding(max_shard_size: int | None, source: Path) -> None:
+    if max_shard_size is not None:
+        raise RefusedError(f"{source}: --max-shard-size writes safetensors shards; it needs a safetensors input")
+
+
+def _warn_nonfinite(report: FileReport) -> None:
+    for _, change in report.changed:
+        if not math.isfinite(change.max_error):
+            report.warnings.append(
+                f"{change.source_key}: holds NaN or Inf values; written anyway, and the transform spreads "
+                "them over every tap of the kernels that hold them"
+            )

@@ -32,7 +32,8 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from .operations import FileReport, InspectReport
+    from .inspection import InspectReport
+    from .operations import FileReport
 
 SCHEMA = 1
 
@@ -187,22 +188,20 @@ def inspect_json(report: InspectReport) -> dict[str, Any]:
 
 
 def inspect_table(report: InspectReport) -> Table:
-    columns = ("layer", "domain", "basis", "kernel", "shape", "dtype", "params", "energy DC->Nyquist")
+    # The energy column only when profiles were computed (safetensors are listed from the header alone).
+    columns: tuple[str, ...] = ("layer", "domain", "basis", "kernel", "shape", "dtype", "params")
+    if report.energy:
+        columns += ("energy DC->Nyquist",)
     table = _table(f"{report.source} ({report.format})", columns, ("params",))
     several = len({loc for loc, _ in report.layers}) > 1
     for loc, info in report.layers:
         basis = (info.basis or "-") + (" (inferred)" if info.inferred else "")
-        energy = report.energy.get((loc, info.key))
-        table.add_row(
-            _where(loc, info.name, several),
-            info.domain,
-            basis,
-            _dims(info.kernel_size),
-            _dims(info.shape),
-            info.dtype,
-            f"{info.params:,}",
-            sparkline(energy) if energy else "",
-        )
+        row = [_where(loc, info.name, several), info.domain, basis, _dims(info.kernel_size), _dims(info.shape),
+               info.dtype, f"{info.params:,}"]  # fmt: skip
+        if report.energy:
+            energy = report.energy.get((loc, info.key))
+            row.append(sparkline(energy) if energy else "")
+        table.add_row(*row)
     return table
 
 

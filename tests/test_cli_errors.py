@@ -22,7 +22,9 @@ from models import copy_samples, listing, make_samples, one_line, parse_json, re
 from torch import nn
 
 import spectral_cli.checkpoint as checkpoint
+import spectral_cli.formats as formats
 import spectral_cli.operations as operations
+import spectral_cli.stream as stream
 
 COMMANDS = ("convert", "bake", "inspect")
 
@@ -350,16 +352,17 @@ def _fail_in_replace(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: Any, **kwargs: Any) -> None:
         raise PermissionError(13, "Permission denied", str(args[1]))
 
-    monkeypatch.setattr(checkpoint.os, "replace", fail)
+    monkeypatch.setattr(formats.os, "replace", fail)
 
 
-def _fail_in_safetensors_save(monkeypatch: pytest.MonkeyPatch) -> None:
-    import safetensors.torch
+def _fail_in_safetensors_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = stream._write_tensor
 
-    def fail(*args: Any, **kwargs: Any) -> bytes:
+    def half_then_fail(out: Any, name: str, spec: Any, tensor: torch.Tensor) -> int:
+        real_write(out, name, spec, tensor)
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(safetensors.torch, "save", fail)
+    monkeypatch.setattr(stream, "_write_tensor", half_then_fail)
 
 
 def _interrupt_in_torch_save(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -375,7 +378,7 @@ def _interrupt_in_torch_save(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ("balle.pt", _fail_in_torch_save, 1),
         ("balle.pt", _fail_in_replace, 1),
-        ("balle.safetensors", _fail_in_safetensors_save, 1),
+        ("balle.safetensors", _fail_in_safetensors_stream, 1),
         ("balle.safetensors", _fail_in_replace, 1),
         ("balle.pt", _interrupt_in_torch_save, 130),
     ],
@@ -419,7 +422,7 @@ def test_unwritable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     def denied(*args: Any, **kwargs: Any) -> Any:
         raise PermissionError(13, "Permission denied", str(kwargs.get("dir", "")))
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(formats.tempfile, "mkstemp", denied)
     result = spectral("convert", work / "balle.pt")
     assert result.exit_code == 1
     line = one_line(result.stderr)

@@ -1,0 +1,245 @@
+"""safetensors, tensor by tensor: a validating header parser, and a writer that streams its data.
+
+The header is parsed and checked before anything else is read (dtype known, sizes agree with shapes, offsets
+inside the file, no overlap, no gap), so a lying header is reported instead of read past. The writer lays out
+the whole output header first (from a plan), then writes each tensor as it is produced: untouched tensors are
+copied as raw bytes, never materialised, so memory stays near the largest converted tensor, not the file.
+Imports no torch at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from io import BufferedReader
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from .errors import CheckpointError
+from .formats import INDEX_SUFFIX, atomic_file, find_index
+from .layout import ITEMSIZE, METADATA_KEY, SAFETENSORS_DTYPES, TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+
+_MAX_HEADER = 100_000_000
+_COPY_CHUNK = 16 << 20
+_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors file: its spec and absolute byte range."""
+
+    spec: TensorSpec
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    entries: dict[str, Entry]
+    metadata: dict[str, str]
+    data_start: int
+
+    @property
+    def specs(self) -> dict[str, TensorSpec]:
+        return {k: e.spec for k, e in self.entries.items()}
+
+
+def read_header(path: Path) -> Header:
+    """Parse and validate a safetensors header; :class:`CheckpointError` names what is wrong."""
+    size_on_disk = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size_on_disk:
+            raise CheckpointError(f"{path}: truncated or damaged safetensors header (declares {n} bytes)")
+        text = f.read(n)
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: damaged safetensors header (not JSON)") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: damaged safetensors header (not a JSON object)")
+    meta = doc.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: damaged safetensors header (__metadata__ must map str to str)")
+    data_start = 8 + n
+    entries = {name: _entry(path, name, info, data_start) for name, info in doc.items()}
+    _check_layout(path, entries, data_start, size_on_disk)
+    return Header(path, entries, {str(k): v for k, v in meta.items()}, data_start)
+
+
+def _entry(path: Path, name: str, info: Any, data_start: int) -> Entry:
+    try:
+        code, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[code]
+        shape = tuple(int(d) for d in shape)
+        begin, end = int(begin), int(end)
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: damaged safetensors header entry for {name!r}: {info!r}"[:300]) from None
+    spec = TensorSpec(shape, dtype)
+    if min(shape, default=0) < 0 or begin < 0 or end - begin != spec.numel * ITEMSIZE[dtype]:
+        raise CheckpointError(
+            f"{path}: safetensors header lies about {name!r}: offsets {begin}..{end} do not hold {dtype} {shape}"
+        )
+    return Entry(spec, data_start + begin, data_start + end)
+
+
+def _check_layout(path: Path, entries: Mapping[str, Entry], data_start: int, size: int) -> None:
+    position = data_start
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start != position:
+            problem = "overlaps the previous tensor" if entry.start < position else "leaves a gap before it"
+            raise CheckpointError(f"{path}: safetensors header lies: {name!r} {problem}")
+        position = entry.end
+    if position != size:
+        what = "truncated" if position > size else "has trailing bytes"
+        raise CheckpointError(f"{path}: safetensors data is {what} ({size - data_start} bytes, header says "
+                              f"{position - data_start})")  # fmt: skip
+
+
+def read_tensor(f: BufferedReader, entry: Entry) -> torch.Tensor:
+    """One tensor, read into memory of its own (no mmap, so resident memory is only what is in use)."""
+    import torch
+
+    buffer = bytearray(entry.end - entry.start)
+    f.seek(entry.start)
+    if f.readinto(buffer) != len(buffer):
+        raise CheckpointError(f"{f.name}: ended while reading a tensor; the file is truncated")
+    dtype = getattr(torch, entry.spec.dtype)
+    if not buffer:
+        return torch.empty(entry.spec.shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(entry.spec.shape)
+
+
+def header_bytes(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> bytes:
+    """The 8-byte length and JSON header of a file holding ``specs`` in this order (padded to 8 bytes)."""
+    doc: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, spec in specs.items():
+        if spec.dtype not in _CODES:
+            raise CheckpointError(f"{name}: dtype {spec.dtype} cannot be stored in safetensors")
+        doc[name] = {
+            "dtype": _CODES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_stream(
+    target: Path,
+    specs: Mapping[str, TensorSpec],
+    metadata: Mapping[str, str],
+    produce: Callable[[str], Any],
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Write a safetensors file atomically: header from ``specs``, then each tensor from ``produce(name)``.
+
+    ``produce`` returns a tensor of the planned spec, or ``(file, start, end)`` to copy bytes unchanged.
+    """
+    with atomic_file(target) as out:
+        out.write(header_bytes(specs, metadata))
+        for name, spec in specs.items():
+            source = produce(name)
+            if isinstance(source, tuple):
+                handle, start, end = source
+                written = _copy_range(handle, start, end, out)
+            else:
+                written = _write_tensor(out, name, spec, source)
+            if progress is not None:
+                progress(written)
+
+
+def _copy_range(f: IO[bytes], start: int, end: int, out: IO[bytes]) -> int:
+    f.seek(start)
+    remaining = end - start
+    while remaining:
+        chunk = f.read(min(_COPY_CHUNK, remaining))
+        if not chunk:
+            raise CheckpointError(f"{f.name}: ended while copying a tensor; the file is truncated")
+        out.write(chunk)
+        remaining -= len(chunk)
+    return end - start
+
+
+def _write_tensor(out: IO[bytes], name: str, spec: TensorSpec, tensor: torch.Tensor) -> int:
+    import torch
+
+    if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:
+        raise CheckpointError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, planned {spec}")
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.numel():
+        out.write(flat.view(torch.uint8).numpy().data)
+    return spec.nbytes
+
+
+@dataclass
+class SafetensorsInput:
+    """A safetensors checkpoint: one file, or the shards named by a ``*.safetensors.index.json``."""
+
+    source: Path
+    headers: list[Header]
+    #: key -> the header (file) holding it
+    owner: dict[str, Header]
+    index_path: Path | None = None
+    index: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def specs(self) -> dict[str, TensorSpec]:
+        return {k: h.entries[k].spec for k, h in self.owner.items()}
+
+    @property
+    def records_json(self) -> list[Any]:
+        """The ``spectral_cli`` metadata document of every file that has one."""
+        docs = []
+        for header in self.headers:
+            raw = header.metadata.get(METADATA_KEY)
+            if raw:
+                try:
+                    docs.append(json.loads(raw))
+                except ValueError:
+                    raise CheckpointError(f"{header.path}: unreadable {METADATA_KEY} metadata: {raw[:80]!r}") from None
+        return docs
+
+
+def open_safetensors(source: Path) -> SafetensorsInput:
+    """Read (and validate) the header of a safetensors file, or of every shard of a sharded checkpoint."""
+    if not source.is_dir() and not source.name.endswith(INDEX_SUFFIX):
+        header = read_header(source)
+        return SafetensorsInput(source, [header], dict.fromkeys(header.entries, header))
+    index_path = source if not source.is_dir() else find_index(source)
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise CheckpointError(f"{index_path}: not a safetensors index (a JSON object with a weight_map)") from None
+    headers: dict[str, Header] = {}
+    for shard in dict.fromkeys(str(v) for v in weight_map.values()):
+        path = index_path.parent / shard
+        if Path(shard).name != shard or not path.is_file():
+            raise CheckpointError(f"{index_path}: names shard {shard!r}, which is not a file beside it")
+        headers[shard] = read_header(path)
+    owner: dict[str, Header] = {}
+    for shard, header in headers.items():
+        for key in header.entries:
+            if key in owner:
+                raise CheckpointError(f"{header.path}: tensor {key!r} is also in {owner[key].path.name}")
+            if weight_map.get(key) != shard:
+                raise CheckpointError(f"{index_path}: does not map {key!r} to {shard}, which holds it")
+            owner[key] = header
+    missing = [k for k in weight_map if k not in owner]
+    if missing:
+        raise CheckpointError(f"{index_path}: maps {missing[0]!r} to a shard that does not hold it")
+    return SafetensorsInput(index_path, list(headers.values()), owner, index_path, index)
