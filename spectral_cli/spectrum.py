@@ -9,8 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .bases import Basis, to_spatial, to_spectral
@@ -23,9 +21,11 @@ def _axis_frequency(n: int, half: bool) -> torch.Tensor:
 
 
 def radial_energy(tensor: torch.Tensor, kernel_size: tuple[int, ...], basis: Basis | str, bins: int = 8) -> list[float]:
-    """Fraction of the kernels' energy in ``bins`` equal bands of radial frequency, DC first.
+    """Fraction of the kernels' energy per band of radial frequency, DC first.
 
-    ``basis`` is the tensor's layout: ``"spatial"`` for a plain weight, or the spectral basis it is stored in.
+    The bands are the kernel's distinct radial frequencies (a 3x3 kernel has 3, a 5x5 has 6), merged into
+    ``bins`` equal bands when there are more. ``basis`` is the tensor's layout: ``"spatial"`` for a plain
+    weight, or the spectral basis it is stored in.
     """
     x = tensor.detach().to(torch.float64)
     if basis != "rfft":
@@ -34,13 +34,15 @@ def radial_energy(tensor: torch.Tensor, kernel_size: tuple[int, ...], basis: Bas
     k = len(kernel_size)
     power = (x[0] ** 2 + x[1] ** 2).reshape(-1, *x.shape[-k:]).sum(0)
     grids = torch.meshgrid(*[_axis_frequency(n, half=i == k - 1) for i, n in enumerate(kernel_size)], indexing="ij")
-    radius = torch.sqrt(torch.stack([g**2 for g in grids]).sum(0)) / math.sqrt(k * 0.25)
+    radius = torch.sqrt(torch.stack([g**2 for g in grids]).sum(0)).flatten()
     last = torch.arange(power.shape[-1])
     n_last = kernel_size[-1]
     # Interior bins of the halved axis stand for themselves and their conjugate twin.
     twin = ((last > 0) & ~((n_last % 2 == 0) & (last == n_last // 2))).to(torch.float64) + 1
-    power = power * twin
-    band = torch.clamp((radius * bins).long(), max=bins - 1)
-    energy = torch.zeros(bins, dtype=torch.float64).index_add_(0, band.flatten(), power.flatten())
+    power = (power * twin).flatten()
+    distinct, band = torch.unique(torch.round(radius, decimals=9), return_inverse=True)
+    if len(distinct) > bins:
+        band = torch.clamp((radius / radius.max() * bins).long(), max=bins - 1)
+    energy = torch.zeros(min(bins, len(distinct)), dtype=torch.float64).index_add_(0, band, power)
     total = energy.sum().item()
     return [e / total if total > 0 else 0.0 for e in energy.tolist()]
