@@ -14,7 +14,9 @@ and is loaded only with ``trust_pickle=True``; its state dict is used from then 
 from __future__ import annotations
 
 import contextlib
+import json
 import pickle
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ import torch
 
 from .errors import CheckpointError, RefusedError
 from .formats import SAFETENSORS, TORCH, atomic_file, detect_format
+from .layout import METADATA_KEY
 from .stream import read_header
 
 #: keys under which trainers (timm, Lightning, DeepSpeed, plain scripts) keep weights, in search order
@@ -122,6 +125,17 @@ def _unsupported_global(message: str) -> str | None:
     return None
 
 
+def _quiet_load(path: Path, **kwargs: Any) -> Any:
+    """``torch.load`` to the CPU without its warnings.
+
+    torch warns while rebuilding some tensors (TypedStorage for quantized ones, an O(nnz) scan for sparse ones):
+    noise to the user, and it would turn the command line's one-line report into several lines.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", **kwargs)
+
+
 def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> Any:
     with zipfile.ZipFile(path) if fmt == TORCH else contextlib.nullcontext() as archive:
         if archive is not None and any(n.endswith("/constants.pkl") for n in archive.namelist()):
@@ -130,13 +144,14 @@ def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> Any:
                 "save model.state_dict() with torch.save and convert that"
             )
     if trust_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return _quiet_load(path, weights_only=False)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == TORCH)
+        return _quiet_load(path, weights_only=True, mmap=fmt == TORCH)
     except pickle.UnpicklingError as e:
         name = _unsupported_global(str(e))
         if name is None:
-            raise CheckpointError(f"{path}: is damaged or not a torch checkpoint ({str(e).splitlines()[0]})") from None
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointError(f"{path}: is damaged or not a torch checkpoint ({first})") from None
         raise RefusedError(
             f"{path}: holds pickled Python objects ({name}) whose loading runs code; "
             "if you trust this file, rerun with --trust-pickle"
@@ -177,6 +192,12 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     from safetensors import safe_open
 
     metadata = read_header(path).metadata
+    raw = metadata.get(METADATA_KEY)
+    if raw:
+        try:
+            json.loads(raw)
+        except (ValueError, RecursionError):
+            raise CheckpointError(f"{path}: unreadable {METADATA_KEY} metadata: {raw[:80]!r}") from None
     with safe_open(str(path), framework="pt", device="cpu") as f:  # type: ignore[no-untyped-call]
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     return tensors, metadata

@@ -64,6 +64,15 @@ def _main(
     """Spectral parametrization of convolution kernels, for checkpoints."""
 
 
+#: control characters (newlines, terminal escapes) shown as Python escapes, so that a hostile file or key name
+#: can neither split an error into several lines nor send escape sequences to the terminal
+_CONTROL = {c: repr(chr(c))[1:-1] for c in (*range(32), 127)}
+
+
+def _one_line(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
 def _run(as_json: bool, body: Callable[[], Any]) -> Any:
     """Run a command body; turn our errors into one line and an exit code."""
     from .errors import SpectralError
@@ -75,7 +84,7 @@ def _run(as_json: bool, body: Callable[[], Any]) -> Any:
             raise
         if as_json:
             typer.echo(json.dumps({"schema": 1, "error": str(e), "exit_code": e.exit_code}))
-        _stderr().print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True)
+        _stderr().print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", highlight=False, markup=True)
         raise typer.Exit(e.exit_code) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -89,7 +98,7 @@ def _run(as_json: bool, body: Callable[[], Any]) -> Any:
         message = f"{where}{e.strerror or e}; no output was written"
         if as_json:
             typer.echo(json.dumps({"schema": 1, "error": message, "exit_code": 1}))
-        _stderr().print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        _stderr().print(f"[bold red]error:[/] {escape(_one_line(message))}", highlight=False)
         raise typer.Exit(1) from None
     except Exception as e:
         if os.environ.get("SPECTRAL_DEBUG"):
@@ -98,7 +107,7 @@ def _run(as_json: bool, body: Callable[[], Any]) -> Any:
         if as_json:
             typer.echo(json.dumps({"schema": 1, "error": f"{type(e).__name__}: {first}", "exit_code": 1}))
         _stderr().print(
-            f"[bold red]internal error:[/] {type(e).__name__}: {escape(first)} "
+            f"[bold red]internal error:[/] {type(e).__name__}: {escape(_one_line(first))} "
             "(set SPECTRAL_DEBUG=1 for the traceback)",
             highlight=False,
         )
@@ -150,7 +159,7 @@ def _print_report(command: str, report: Any, as_json: bool, dry_run: bool) -> No
 
     err = _stderr()
     for warning in report.warnings:
-        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(_one_line(warning))}", highlight=False)
     if as_json:
         typer.echo(json.dumps(render.file_report_json(command, report, dry_run), indent=2))
         return
