@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import AmbiguousKernelSizeError, SpectralError
+from .errors import AmbiguousKernelSizeError, CheckpointError, SpectralError
 
 Basis = Literal["rfft", "rdft"]
 BASES: tuple[str, ...] = ("rfft", "rdft")
@@ -60,10 +60,15 @@ ITEMSIZE = {"bool": 1, "uint8": 1, "int8": 1, "float8_e4m3fn": 1, "float8_e5m2":
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A tensor's shape and dtype name (``"float32"``), without its data."""
+    """A tensor's shape and dtype name (``"float32"``), without its data.
+
+    ``kind`` is ``"dense"`` for an ordinary tensor; otherwise what makes it one that is carried over unchanged,
+    never transformed: ``"sparse_coo"`` (or another sparse layout), ``"nested"``, ``"meta"`` (no data).
+    """
 
     shape: tuple[int, ...]
     dtype: str
+    kind: str = "dense"
 
     @property
     def numel(self) -> int:
@@ -90,10 +95,29 @@ class LayerRecord:
         try:
             record = cls(check_basis(data["basis"]), check_kernel_size(data["kernel_size"]), str(data["dtype"]))
         except (KeyError, TypeError, SpectralError) as e:
-            raise SpectralError(f"unreadable spectral_cli record {data!r}: {e}") from None
+            raise CheckpointError(f"unreadable spectral_cli record {data!r}: {e}"[:300]) from None
         if record.dtype not in CONVERTIBLE_DTYPES:
-            raise SpectralError(f"unreadable spectral_cli record {data!r}: dtype {record.dtype!r}")
+            raise CheckpointError(f"unreadable spectral_cli record {data!r}: dtype {record.dtype!r}"[:300])
         return record
+
+    def fits(self, shape: Sequence[int]) -> bool:
+        """Whether a stored tensor of ``shape`` can be a conv kernel's coefficients in this record's layout."""
+        k = len(self.kernel_size)
+        lead = 3 if self.basis == "rfft" else 2  # (2,) for rfft, then (out, in)
+        return (
+            len(shape) == k + lead
+            and (self.basis != "rfft" or shape[0] == 2)
+            and tuple(shape[-k:]) == spectral_kernel_shape(self.kernel_size, self.basis)
+        )
+
+
+def check_record(key: str, spec: TensorSpec, record: LayerRecord) -> None:
+    """Refuse a record that does not fit its tensor (a damaged or edited checkpoint): nothing is guessed."""
+    if not record.fits(spec.shape):
+        raise CheckpointError(
+            f"{key}: its spectral_cli record ({record.basis}, kernel size {record.kernel_size}) does not fit its "
+            f"shape {spec.shape}; the record is damaged"
+        )
 
 
 def records_from_json(entry: Any) -> dict[str, LayerRecord]:
@@ -101,7 +125,13 @@ def records_from_json(entry: Any) -> dict[str, LayerRecord]:
     layers = entry.get("layers") if isinstance(entry, Mapping) else None
     if not isinstance(layers, Mapping):
         return {}
-    return {str(k): LayerRecord.from_json(v) for k, v in layers.items()}
+    records = {}
+    for key, value in layers.items():
+        try:
+            records[str(key)] = LayerRecord.from_json(value)
+        except CheckpointError as e:
+            raise CheckpointError(f"{key}: {e}") from None
+    return records
 
 
 def records_to_json(records: Mapping[str, LayerRecord], version: str) -> dict[str, Any]:
@@ -259,6 +289,7 @@ def plan_convert(
     plan = Plan(records=dict(records or {}))
     for key, spec in specs.items():
         if key.endswith(SPECTRAL_SUFFIX) and key in plan.records:
+            check_record(key, spec, plan.records[key])
             plan.skipped.append(Skip(key, "already spectral"))
             continue
         if not is_conv_kernel_key(key, spec):
@@ -268,6 +299,8 @@ def plan_convert(
         ks = tuple(spec.shape[2:])
         if not selected(name, inc, exc):
             reason = "excluded"
+        elif spec.kind != "dense":
+            reason = f"not a dense tensor ({spec.kind})"
         elif spec.dtype not in CONVERTIBLE_DTYPES:
             reason = f"not float ({spec.dtype})"
         elif math.prod(ks) == 1:
@@ -292,6 +325,8 @@ def spectral_step(
     kernel_size: tuple[int, ...] | None = None,
 ) -> Step | None:
     """The bake step for ``key`` if it holds a spectral tensor (recorded, or in a foreign rfft layout)."""
+    if spec.kind != "dense":
+        return None
     complex_source = key.endswith(COMPRESSAI_SUFFIX) and spec.dtype in COMPLEX_DTYPES and 3 <= len(spec.shape) <= 5
     if complex_source:
         shape = (2, *spec.shape)
@@ -305,7 +340,9 @@ def spectral_step(
         return None
     record = records.get(key)
     inferred = False
-    if record is None:
+    if record is not None:
+        check_record(key, TensorSpec(shape, dtype), record)
+    else:
         if not 4 <= len(shape) <= 6:
             return None
         ks = tuple(kernel_size) if kernel_size is not None else ()
@@ -389,7 +426,7 @@ def describe(
             name = key[: key.rfind("parametrizations.")].removesuffix(".")
             layers.append(LayerInfo(name, key, "parametrized", None, None, spec.shape, spec.dtype))
         elif include_spatial and is_conv_kernel_key(key, spec):
-            if spec.dtype in CONVERTIBLE_DTYPES and math.prod(spec.shape[2:]) > 1:
+            if spec.kind == "dense" and spec.dtype in CONVERTIBLE_DTYPES and math.prod(spec.shape[2:]) > 1:
                 name = module_name(key, "weight")
                 layers.append(LayerInfo(name, key, "spatial", None, tuple(spec.shape[2:]), spec.shape, spec.dtype))
     return layers

@@ -70,6 +70,7 @@ __all__ = [
     "dtype_name",
     "infer_kernel_size",
     "records_of",
+    "spec_of",
     "specs_of",
 ]
 
@@ -122,21 +123,37 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def spec_of(tensor: torch.Tensor) -> TensorSpec:
+    """Shape, dtype name and kind of a tensor: sparse, nested and meta tensors are marked, never transformed."""
+    if tensor.is_nested:  # no single shape
+        return TensorSpec((), dtype_name(tensor.dtype), "nested")
+    if tensor.is_meta:
+        kind = "meta"
+    elif tensor.layout != torch.strided:
+        kind = str(tensor.layout).removeprefix("torch.")
+    else:
+        kind = "dense"
+    return TensorSpec(tuple(tensor.shape), dtype_name(tensor.dtype), kind)
+
+
 def specs_of(state_dict: StateDict) -> dict[str, TensorSpec]:
-    """Shape and dtype name of every tensor in a state dict."""
-    return {
-        k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in state_dict.items() if isinstance(v, torch.Tensor)
-    }
+    """Shape, dtype name and kind of every tensor in a state dict."""
+    return {k: spec_of(v) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+
+
+def _metadata_of(state_dict: StateDict) -> Mapping[str, Any]:
+    """torch's ``_metadata`` of a state dict; empty when absent or not a mapping (a damaged or hostile file)."""
+    meta = getattr(state_dict, "_metadata", None)
+    return meta if isinstance(meta, Mapping) else {}
 
 
 def records_of(state_dict: StateDict) -> dict[str, LayerRecord]:
     """The spectral records a state dict carries in ``_metadata`` (empty if none)."""
-    meta = getattr(state_dict, "_metadata", None) or {}
-    return records_from_json(meta.get(METADATA_KEY) if isinstance(meta, Mapping) else None)
+    return records_from_json(_metadata_of(state_dict).get(METADATA_KEY))
 
 
 def _with_records(state_dict: OrderedDict[str, Any], source: StateDict, records: dict[str, LayerRecord]) -> None:
-    meta = OrderedDict(getattr(source, "_metadata", None) or {})
+    meta = OrderedDict(_metadata_of(source))
     meta.pop(METADATA_KEY, None)
     if records:
         meta[METADATA_KEY] = records_to_json(records, __version__)
@@ -153,6 +170,8 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def convert_tensor(step: Step, weight: torch.Tensor) -> tuple[torch.Tensor, LayerChange]:
     """Execute one convert step: the spectral tensor, and the change with its round-trip error."""
+    if weight.numel() == 0:  # a conv with no channels: nothing to transform (and torch.fft refuses empty input)
+        return weight.new_zeros(step.shape_after), _change(step, 0.0)
     spectral = to_spectral(weight.detach(), step.kernel_size, step.basis)
     error = _relative_error(to_spatial(spectral, step.kernel_size, step.basis), weight)
     return spectral, _change(step, error)
@@ -161,6 +180,8 @@ def convert_tensor(step: Step, weight: torch.Tensor) -> tuple[torch.Tensor, Laye
 def bake_tensor(step: Step, stored: torch.Tensor) -> tuple[torch.Tensor, LayerChange]:
     """Execute one bake step: the spatial weight in its original dtype, and the change with its rounding error."""
     real = torch.stack((stored.real, stored.imag)) if step.complex_source else stored.detach()
+    if real.numel() == 0:
+        return real.new_zeros(step.shape_after, dtype=getattr(torch, step.out_dtype)), _change(step, 0.0)
     exact = to_spatial(real.to(torch.float64), step.kernel_size, step.basis)
     weight = to_spatial(real, step.kernel_size, step.basis).to(getattr(torch, step.out_dtype))
     return weight, _change(step, _relative_error(weight, exact))
