@@ -63,6 +63,7 @@ from .surgery import (
     convert_state_dict,
     convert_tensor,
     records_of,
+    spec_of,
 )
 
 #: ``progress(bytes_done, bytes_total)``
@@ -198,9 +199,20 @@ def _with_records(sd: Mapping[str, Any], metadata: Mapping[str, str]) -> Mapping
 
 
 def _same(a: torch.Tensor, b: Any) -> bool:
-    """Same dtype, shape and values; NaN equals NaN (a checkpoint's NaNs are carried over, not an error)."""
-    if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape):
+    """Same dtype, shape and values; NaN equals NaN (a checkpoint's NaNs are carried over, not an error).
+
+    Sparse, nested and meta tensors (carried over, never transformed) are compared by what they hold.
+    """
+    if not (isinstance(b, torch.Tensor) and spec_of(a) == spec_of(b)):
         return False
+    kind = spec_of(a).kind
+    if kind == "meta":  # no data
+        return True
+    if kind == "nested":
+        parts_a, parts_b = a.unbind(), b.unbind()
+        return len(parts_a) == len(parts_b) and all(_same(x, y) for x, y in zip(parts_a, parts_b, strict=True))
+    if kind != "dense":
+        return _same(a.to_dense(), b.to_dense())
     if torch.equal(a, b):
         return True
     if not (a.is_floating_point() or a.is_complex()):

@@ -9,9 +9,12 @@ Imports no torch at module level.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from io import BufferedReader
 from pathlib import Path
@@ -27,6 +30,9 @@ if TYPE_CHECKING:
 _MAX_HEADER = 100_000_000
 _COPY_CHUNK = 16 << 20
 _CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
+_COPY_FILE_RANGE = getattr(os, "copy_file_range", None)
+#: errors of copy_file_range that mean "not here" (old kernel, other file systems, seccomp): copy by hand
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ def read_header(path: Path) -> Header:
         text = f.read(n)
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: hostile nesting depth
         raise CheckpointError(f"{path}: damaged safetensors header (not JSON)") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: damaged safetensors header (not a JSON object)")
@@ -82,7 +88,7 @@ def _entry(path: Path, name: str, info: Any, data_start: int) -> Entry:
         dtype = SAFETENSORS_DTYPES[code]
         shape = tuple(int(d) for d in shape)
         begin, end = int(begin), int(end)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: 1e400 read as an offset
         raise CheckpointError(f"{path}: damaged safetensors header entry for {name!r}: {info!r}"[:300]) from None
     spec = TensorSpec(shape, dtype)
     if min(shape, default=0) < 0 or begin < 0 or end - begin != spec.numel * ITEMSIZE[dtype]:
@@ -119,6 +125,28 @@ def read_tensor(f: BufferedReader, entry: Entry) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=dtype).reshape(entry.spec.shape)
 
 
+def read_rows(
+    f: BufferedReader, entry: Entry, shape: tuple[int, ...], rows_per_slab: int
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The tensor of ``entry``, viewed as ``shape`` (rows first), a slab of rows at a time: ``(start, end, rows)``.
+
+    Every slab is read into the same buffer: a yielded tensor is valid until the next one is asked for.
+    """
+    import torch
+
+    rows = shape[0]
+    row_bytes = (entry.end - entry.start) // rows if rows else 0
+    dtype = getattr(torch, entry.spec.dtype)
+    buffer = bytearray(min(rows, rows_per_slab) * row_bytes)
+    for i in range(0, rows, rows_per_slab):
+        j = min(rows, i + rows_per_slab)
+        view = memoryview(buffer)[: (j - i) * row_bytes]
+        f.seek(entry.start + i * row_bytes)
+        if f.readinto(view) != len(view):
+            raise CheckpointError(f"{f.name}: ended while reading a tensor; the file is truncated")
+        yield i, j, torch.frombuffer(view, dtype=dtype).reshape(j - i, *shape[1:])
+
+
 def header_bytes(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> bytes:
     """The 8-byte length and JSON header of a file holding ``specs`` in this order (padded to 8 bytes)."""
     doc: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
@@ -146,10 +174,12 @@ def write_stream(
 ) -> None:
     """Write a safetensors file atomically: header from ``specs``, then each tensor from ``produce(name)``.
 
-    ``produce`` returns a tensor of the planned spec, or ``(file, start, end)`` to copy bytes unchanged.
+    ``produce`` returns a tensor of the planned spec, or ``(file, start, end)`` to copy bytes unchanged (in the
+    kernel where it can: ``copy_file_range``). Tensors are written from their own memory, without copies.
     """
     with atomic_file(target) as out:
         out.write(header_bytes(specs, metadata))
+        out.flush()
         for name, spec in specs.items():
             source = produce(name)
             if isinstance(source, tuple):
@@ -162,8 +192,20 @@ def write_stream(
 
 
 def _copy_range(f: IO[bytes], start: int, end: int, out: IO[bytes]) -> int:
-    f.seek(start)
     remaining = end - start
+    if remaining and _COPY_FILE_RANGE is not None:
+        out.flush()
+        try:
+            while remaining:
+                n = _COPY_FILE_RANGE(f.fileno(), out.fileno(), remaining, start + (end - start - remaining))
+                if n == 0:
+                    raise CheckpointError(f"{f.name}: ended while copying a tensor; the file is truncated")
+                remaining -= n
+            return end - start
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+    f.seek(start + (end - start - remaining))
     while remaining:
         chunk = f.read(min(_COPY_CHUNK, remaining))
         if not chunk:
@@ -174,13 +216,13 @@ def _copy_range(f: IO[bytes], start: int, end: int, out: IO[bytes]) -> int:
 
 
 def _write_tensor(out: IO[bytes], name: str, spec: TensorSpec, tensor: torch.Tensor) -> int:
-    import torch
-
     if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:
         raise CheckpointError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, planned {spec}")
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     if flat.numel():
-        out.write(flat.view(torch.uint8).numpy().data)
+        # The tensor's own bytes, without numpy (torch does not require it) and without a copy.
+        data = (ctypes.c_char * (flat.numel() * flat.element_size())).from_address(flat.data_ptr())
+        out.write(memoryview(data).cast("B"))
     return spec.nbytes
 
 
@@ -208,7 +250,7 @@ class SafetensorsInput:
             if raw:
                 try:
                     docs.append(json.loads(raw))
-                except ValueError:
+                except (ValueError, RecursionError):
                     raise CheckpointError(f"{header.path}: unreadable {METADATA_KEY} metadata: {raw[:80]!r}") from None
         return docs
 
@@ -223,7 +265,7 @@ def open_safetensors(source: Path) -> SafetensorsInput:
         index = json.loads(index_path.read_text())
         weight_map = index["weight_map"]
         assert isinstance(weight_map, dict)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError):
         raise CheckpointError(f"{index_path}: not a safetensors index (a JSON object with a weight_map)") from None
     headers: dict[str, Header] = {}
     for shard in dict.fromkeys(str(v) for v in weight_map.values()):
