@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,7 @@ pytest.importorskip("skimage", reason="the benchmark's photographs ship with sci
 pytest.importorskip("compressai")
 pytest.importorskip("pytorch_parametrizations")
 
-# benchmarks/ is a top-level folder of the repository, not part of the installed package.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
+# benchmarks/ is a top-level folder of the repository (on pytest's pythonpath), not part of the package.
 from benchmarks import convergence  # noqa: E402
 
 
