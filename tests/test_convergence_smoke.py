@@ -13,7 +13,7 @@ pytest.importorskip("compressai")
 pytest.importorskip("pytorch_parametrizations")
 
 # benchmarks/ is a top-level folder of the repository (on pytest's pythonpath), not part of the package.
-from benchmarks import convergence  # noqa: E402
+from benchmarks import convergence
 
 
 def test_convergence_smoke(tmp_path: Path) -> None:
