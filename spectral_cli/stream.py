@@ -14,7 +14,7 @@ import errno
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from io import BufferedReader
 from pathlib import Path
@@ -125,26 +125,36 @@ def read_tensor(f: BufferedReader, entry: Entry) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=dtype).reshape(entry.spec.shape)
 
 
-def read_rows(
-    f: BufferedReader, entry: Entry, shape: tuple[int, ...], rows_per_slab: int
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """The tensor of ``entry``, viewed as ``shape`` (rows first), a slab of rows at a time: ``(start, end, rows)``.
+def read_rows(f: BufferedReader, entry: Entry, shape: tuple[int, ...], start: int, end: int) -> torch.Tensor:
+    """Rows ``start:end`` of the tensor of ``entry`` viewed as ``shape`` (rows first), read into memory of their own.
 
-    Every slab is read into the same buffer: a yielded tensor is valid until the next one is asked for.
+    Reads with ``pread``, so threads may read different rows of one file at once.
     """
     import torch
 
-    rows = shape[0]
-    row_bytes = (entry.end - entry.start) // rows if rows else 0
-    dtype = getattr(torch, entry.spec.dtype)
-    buffer = bytearray(min(rows, rows_per_slab) * row_bytes)
-    for i in range(0, rows, rows_per_slab):
-        j = min(rows, i + rows_per_slab)
-        view = memoryview(buffer)[: (j - i) * row_bytes]
-        f.seek(entry.start + i * row_bytes)
-        if f.readinto(view) != len(view):
+    rows = torch.empty((end - start, *shape[1:]), dtype=getattr(torch, entry.spec.dtype))
+    row_bytes = (entry.end - entry.start) // shape[0] if shape[0] else 0
+    view, offset = tensor_bytes(rows), entry.start + start * row_bytes
+    done = 0
+    while done < len(view):
+        n = os.preadv(f.fileno(), [view[done:]], offset + done)
+        if n <= 0:
             raise CheckpointError(f"{f.name}: ended while reading a tensor; the file is truncated")
-        yield i, j, torch.frombuffer(view, dtype=dtype).reshape(j - i, *shape[1:])
+        done += n
+    return rows
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable, without a copy and without numpy (torch does not need it).
+
+    The view does not keep the tensor alive: use it while holding the tensor.
+    """
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise ValueError("tensor_bytes needs a contiguous CPU tensor")
+    nbytes = tensor.numel() * tensor.element_size()
+    if not nbytes:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def header_bytes(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> bytes:
@@ -218,11 +228,8 @@ def _copy_range(f: IO[bytes], start: int, end: int, out: IO[bytes]) -> int:
 def _write_tensor(out: IO[bytes], name: str, spec: TensorSpec, tensor: torch.Tensor) -> int:
     if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:
         raise CheckpointError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, planned {spec}")
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    if flat.numel():
-        # The tensor's own bytes, without numpy (torch does not require it) and without a copy.
-        data = (ctypes.c_char * (flat.numel() * flat.element_size())).from_address(flat.data_ptr())
-        out.write(memoryview(data).cast("B"))
+    flat = tensor.detach().cpu().contiguous()
+    out.write(tensor_bytes(flat))  # the tensor's own bytes, no copy
     return spec.nbytes
 
 

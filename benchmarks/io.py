@@ -1,0 +1,443 @@
+"""I/O benchmark: ``spectral convert`` of a large safetensors conv checkpoint against a plain read and write.
+
+One command::
+
+    python -m benchmarks.io [--size-gib 1.0] [--repeats 5] [--python /path/to/other/python ...]
+
+A conv checkpoint of ``--size-gib`` (float32; 3x3 and 5x5 kernels with their biases, some 1x1 convs and norm
+parameters, the largest a 3x3 kernel of 1280x1280 channels) is generated in a temporary directory (never in
+the repository) and deleted afterwards. Every measurement runs in a fresh subprocess that imports what it
+needs, reads its resident memory, times only the operation, and reports its own peak resident memory
+(``ru_maxrss``). The commands, in turn within each repeat:
+
+``baseline``
+    ``safetensors.torch.load_file`` then ``save_file`` of the same file (the time any tool needs to read and
+    write it);
+``baseline+fsync``
+    the same, plus ``fsync`` of the written file (``spectral`` fsyncs its outputs before renaming them);
+``convert``
+    ``spectral convert FILE -o OUT -q`` (default basis, rfft: the output is larger than the input, 12/9 of
+    each 3x3 kernel and 30/25 of each 5x5);
+``convert rdft``
+    ``spectral convert FILE -o OUT -q --basis rdft`` (output the same size as the input);
+``bake``
+    ``spectral bake`` of the rfft output back to a spatial checkpoint;
+``import torch``
+    ``python -c "import torch"`` alone: the floor under every other peak.
+
+Reported per command: median operation time, median whole-process wall time (start-up and imports included),
+peak RSS, RSS after the imports, and the peak above that. Ratios are medians of the per-repeat ratios to the
+baseline of the same repeat. Page cache: the input is read once before the first repeat, so every command
+reads it from memory; every output is deleted after its run.
+
+``--sharded`` adds a sharded directory of twice ``--size-gib`` converted shard by shard in a process whose
+address space is capped (``RLIMIT_AS``) below the directory's size: it can only succeed by streaming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MIB = 1 << 20
+GIB = 1 << 30
+
+COMMANDS: tuple[str, ...] = ("baseline", "baseline+fsync", "convert", "convert rdft", "bake")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint
+
+
+def conv_layout(target_bytes: int) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a UNet-like float32 conv checkpoint of at least ``target_bytes``.
+
+    Early stages carry 5x5 kernels, later ones 3x3; every conv has a bias, every block a norm; stage changes
+    go through 1x1 convs. Blocks of the widest stage are added until the size is reached.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    total = 0
+
+    def add(name: str, shape: tuple[int, ...]) -> None:
+        nonlocal total
+        shapes[name] = shape
+        total += 4 * math.prod(shape)
+
+    def conv(name: str, cout: int, cin: int, k: int) -> None:
+        add(f"{name}.weight", (cout, cin, k, k))
+        add(f"{name}.bias", (cout,))
+
+    def block(name: str, c: int, k: int) -> None:
+        add(f"{name}.norm.weight", (c,))
+        add(f"{name}.norm.bias", (c,))
+        conv(f"{name}.conv1", c, c, k)
+        conv(f"{name}.conv2", c, c, k)
+
+    conv("stem", 320, 3, 5)
+    stages = ((320, 5, 2), (640, 5, 1), (640, 3, 2))
+    previous = 320
+    for s, (c, k, n) in enumerate(stages):
+        if c != previous:
+            conv(f"down{s}.skip", c, previous, 1)
+        for b in range(n):
+            block(f"down{s}.block{b}", c, k)
+        previous = c
+    conv("mid.skip", 1280, previous, 1)
+    b = 0
+    while total < target_bytes:
+        block(f"mid.block{b}", 1280, 3)
+        b += 1
+    conv("head", 3, 1280, 3)
+    return shapes
+
+
+def write_checkpoint(path: Path, target_bytes: int, seed: int = 0) -> dict[str, Any]:
+    """Write a safetensors conv checkpoint tensor by tensor (its own minimal writer, independent of the package)."""
+    import numpy as np
+
+    shapes = conv_layout(target_bytes)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        n = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    rng = np.random.default_rng(seed)
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for shape in shapes.values():
+            fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+            f.write((rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / math.sqrt(fan_in))).tobytes())
+    largest = max(4 * math.prod(s) for s in shapes.values())
+    return {"bytes": path.stat().st_size, "tensors": len(shapes), "largest_bytes": largest,
+            "largest": max(shapes, key=lambda k: math.prod(shapes[k]))}  # fmt: skip
+
+
+def write_sharded(directory: Path, target_bytes: int, shards: int, seed: int = 0) -> dict[str, Any]:
+    """A Hugging Face-style sharded checkpoint: ``shards`` files and ``model.safetensors.index.json``."""
+    import numpy as np
+
+    directory.mkdir()
+    shapes = list(conv_layout(target_bytes).items())
+    per_shard = math.ceil(len(shapes) / shards)
+    rng = np.random.default_rng(seed)
+    weight_map = {}
+    total = 0
+    for i in range(shards):
+        part = shapes[i * per_shard : (i + 1) * per_shard]
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key, shape in part:
+            n = 4 * math.prod(shape)
+            header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+            weight_map[key] = name
+        total += offset
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with (directory / name).open("wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            for _, shape in part:
+                fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+                f.write((rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / math.sqrt(fan_in))).tobytes())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return {"bytes": total, "shards": shards, "tensors": len(shapes),
+            "largest_bytes": max(4 * math.prod(s) for _, s in shapes)}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- child
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _address_space() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(command: str, src: str, dst: str, cap_bytes: int | None) -> dict[str, Any]:
+    """Run one command in this (fresh) process and report its time and memory."""
+    import torch  # noqa: F401
+
+    if command.startswith("baseline"):
+        from safetensors.torch import load_file, save_file
+    else:
+        import spectral_cli.operations  # noqa: F401  (torch and the package, imported before the clock)
+        from spectral_cli.cli import app
+    rss_imports = _rss_bytes()
+    if cap_bytes is not None:
+        limit = _address_space() + cap_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    start = time.perf_counter()
+    code = 0
+    if command.startswith("baseline"):
+        tensors = load_file(src)
+        save_file(tensors, dst, metadata={"format": "pt"})
+        if command == "baseline+fsync":
+            fd = os.open(dst, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        del tensors
+    else:
+        verb, *options = command.split()
+        args = [verb, src, "-o", dst, "-q", *(["--basis", options[0]] if options else [])]
+        try:
+            app(args=args, prog_name="spectral")
+        except SystemExit as e:
+            code = int(e.code or 0)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": seconds, "rss_imports": rss_imports, "peak": peak, "exit_code": code}
+
+
+# --------------------------------------------------------------------------------------------------- parent
+
+
+def _run_child(python: str, command: str, src: Path, dst: Path, cap: int | None = None) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
+        argv = [python, "-m", "benchmarks.io", "--child", command, str(src), str(dst), result.name]
+        if cap is not None:
+            argv += ["--cap", str(cap)]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        start = time.perf_counter()
+        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{command} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        data: dict[str, Any] = json.loads(Path(result.name).read_text())
+    if data["exit_code"] != 0:
+        raise RuntimeError(f"{command} exited {data['exit_code']}: {proc.stderr.strip()[-2000:]}")
+    data["wall"] = wall
+    return data
+
+
+def import_torch_rss(python: str) -> dict[str, Any]:
+    """Peak RSS and wall time of ``python -c "import torch"``, measured by that process itself."""
+    code = "import time,resource;t=time.perf_counter();import torch;t=time.perf_counter()-t;" \
+           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024, t, torch.__version__)"  # fmt: skip
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return {"peak": int(out[0]), "import_seconds": float(out[1]), "torch": out[2]}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _warm(path: Path) -> None:
+    """Read a file once so that every command finds it in the page cache."""
+    with path.open("rb") as f:
+        while f.read(64 * MIB):
+            pass
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def bench_python(python: str, src: Path, work: Path, repeats: int, log: bool) -> dict[str, Any]:
+    """All commands with one interpreter, interleaved, ``repeats`` times."""
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in COMMANDS}
+    spectral_out = work / "bench.spectral.safetensors"
+    for r in range(repeats):
+        for command in COMMANDS:
+            if command == "bake":
+                source, target = spectral_out, work / "bench.baked.safetensors"
+            elif command == "convert":
+                source, target = src, spectral_out
+            else:
+                source, target = src, work / "out.safetensors"
+            data = _run_child(python, command, source, target)
+            data["out_bytes"] = target.stat().st_size
+            runs[command].append(data)
+            if command != "convert":
+                _remove(target)
+            if log:
+                print(f"  [{r + 1}/{repeats}] {command:15s} {data['seconds']:7.3f} s  wall {data['wall']:7.3f} s  "
+                      f"peak {data['peak'] / MIB:7.0f} MiB", file=sys.stderr, flush=True)  # fmt: skip
+        _remove(spectral_out)
+    floor = import_torch_rss(python)
+    rows = {}
+    for command, rs in runs.items():
+        ratios = [run["seconds"] / base["seconds"] for run, base in zip(rs, runs["baseline"], strict=True)]
+        walls = [run["wall"] / base["wall"] for run, base in zip(rs, runs["baseline"], strict=True)]
+        rows[command] = {
+            "seconds": _median([x["seconds"] for x in rs]),
+            "seconds_all": [round(x["seconds"], 4) for x in rs],
+            "wall": _median([x["wall"] for x in rs]),
+            "ratio": _median(ratios),
+            "wall_ratio": _median(walls),
+            "peak": max(x["peak"] for x in rs),
+            "rss_imports": _median([x["rss_imports"] for x in rs]),
+            "above_imports": max(x["peak"] - x["rss_imports"] for x in rs),
+            "above_import_torch": max(x["peak"] for x in rs) - floor["peak"],
+            "out_bytes": rs[0]["out_bytes"],
+        }
+    return {"python": python, "import_torch": floor, "rows": rows}
+
+
+def bench_sharded(python: str, work: Path, size_bytes: int, shards: int, log: bool) -> dict[str, Any]:
+    """Convert a sharded directory under an address-space cap smaller than the directory."""
+    source = work / "sharded"
+    info = write_sharded(source, size_bytes, shards)
+    target = work / "sharded.spectral"
+    cap = info["bytes"] // 2
+    try:
+        _warm_dir(source)
+        data = _run_child(python, "convert", source, target, cap=cap)
+        out = sum(p.stat().st_size for p in target.iterdir())
+    finally:
+        _remove(source)
+        _remove(target)
+    if log:
+        print(f"  sharded {info['bytes'] / GIB:.2f} GiB under a cap of {cap / GIB:.2f} GiB: {data['seconds']:.2f} s, "
+              f"peak {data['peak'] / MIB:.0f} MiB", file=sys.stderr)  # fmt: skip
+    return {**info, "cap": cap, "out_bytes": out, **data}
+
+
+def _warm_dir(directory: Path) -> None:
+    for p in sorted(directory.iterdir()):
+        _warm(p)
+
+
+@contextmanager
+def workdir() -> Iterator[Path]:
+    """A temporary directory (``$TMPDIR``, never the repository), removed with everything in it."""
+    path = Path(tempfile.mkdtemp(prefix="spectral-bench-io-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run(
+    size_gib: float = 1.0,
+    repeats: int = 5,
+    pythons: Sequence[str] = (),
+    sharded: bool = False,
+    log: bool = True,
+) -> dict[str, Any]:
+    """Generate the checkpoint, measure every command with every interpreter, clean up; the result document."""
+    pythons = [os.path.abspath(p) for p in pythons] or [sys.executable]
+    with workdir() as work:
+        src = work / "bench.safetensors"
+        info = write_checkpoint(src, int(size_gib * GIB))
+        if log:
+            print(f"io: {info['bytes'] / GIB:.2f} GiB, {info['tensors']} tensors, largest {info['largest']} "
+                  f"({info['largest_bytes'] / MIB:.1f} MiB), in {work}", file=sys.stderr)  # fmt: skip
+        _warm(src)
+        results = []
+        for python in pythons:
+            if log:
+                print(f"io: {python}", file=sys.stderr)
+            results.append(bench_python(python, src, work, repeats, log))
+        _remove(src)
+        shard = bench_sharded(pythons[-1], work, int(2 * size_gib * GIB), 4, log) if sharded else None
+    return {"checkpoint": info, "repeats": repeats, "interpreters": results, "sharded": shard}
+
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:,.0f}"
+
+
+def render(result: dict[str, Any]) -> str:
+    """Markdown tables of a :func:`run` result."""
+    info = result["checkpoint"]
+    size = info["bytes"]
+    lines = [
+        f"Input: {size / GIB:.2f} GiB float32 safetensors, {info['tensors']} tensors (3x3 and 5x5 conv kernels "
+        f"with biases, 1x1 convs, norms); largest tensor `{info['largest']}`, {_mib(info['largest_bytes'])} MiB. "
+        f"Medians of {result['repeats']} interleaved repeats; time of the operation alone (after imports) and "
+        "of the whole process; ratios are to the baseline of the same repeat.",
+        "",
+    ]
+    for interp in result["interpreters"]:
+        floor = interp["import_torch"]
+        lines += [
+            f"Interpreter `{interp['python']}` (torch {floor['torch']}; `import torch` alone: peak RSS "
+            f"{_mib(floor['peak'])} MiB, {floor['import_seconds']:.2f} s)",
+            "",
+            "| command | time (s) | ratio | process wall (s) | wall ratio | peak RSS (MiB) | peak / file "
+            "| RSS after imports (MiB) | peak above imports (MiB) | above / largest tensor | output (MiB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for command, row in interp["rows"].items():
+            lines.append(
+                f"| {command} | {row['seconds']:.3f} | {row['ratio']:.3f} | {row['wall']:.2f} | "
+                f"{row['wall_ratio']:.3f} | {_mib(row['peak'])} | {row['peak'] / size:.3f} | "
+                f"{_mib(row['rss_imports'])} | {_mib(row['above_imports'])} | "
+                f"{row['above_imports'] / info['largest_bytes']:.2f} | {_mib(row['out_bytes'])} |"
+            )
+        lines.append("")
+        times = ", ".join(f"{c}: {row['seconds_all']}" for c, row in interp["rows"].items())
+        lines += [f"Raw operation times (s): {times}", ""]
+    shard = result.get("sharded")
+    if shard:
+        lines += [
+            f"Sharded directory of {shard['bytes'] / GIB:.2f} GiB ({shard['shards']} shards) converted by "
+            f"`spectral convert DIR -o OUT -q` in a process whose address space was capped at "
+            f"{shard['cap'] / GIB:.2f} GiB above what its imports use (RLIMIT_AS): done in "
+            f"{shard['seconds']:.2f} s, peak RSS {_mib(shard['peak'])} MiB "
+            f"({_mib(shard['peak'] - shard['rss_imports'])} MiB above imports), "
+            f"output {shard['out_bytes'] / GIB:.2f} GiB.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.io", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size-gib", type=float, default=1.0, help="checkpoint size in GiB (default 1.0)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
+    p.add_argument("--python", action="append", default=[], help="interpreter(s) to measure (default: this one)")
+    p.add_argument("--sharded", action="store_true", help="also convert a 2x sharded directory under a memory cap")
+    p.add_argument("--json", type=Path, help="also write the result document here")
+    p.add_argument("--child", nargs=4, metavar=("COMMAND", "SRC", "DST", "RESULT"), help=argparse.SUPPRESS)
+    p.add_argument("--cap", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    if args.child:
+        command, src, dst, out = args.child
+        Path(out).write_text(json.dumps(child(command, src, dst, args.cap)))
+        return None
+    result = run(args.size_gib, args.repeats, args.python, args.sharded)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(render(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Run the I/O, training-step and start-up benchmarks and write their tables to ``docs/benchmarks.md``.
+
+One command::
+
+    python -m benchmarks.run_all [--quick] [--out docs/benchmarks.md] [--python /path/to/cpu-build/python]
+
+Each benchmark runs in a process of its own (``benchmarks.io``, ``benchmarks.train_step``,
+``benchmarks.startup``), one after the other, never two at once; each measures its ratios side by side in one
+run (interleaved repeats, medians). ``--python`` adds an interpreter (for example a virtual environment with
+the CPU build of torch) to the I/O and start-up benchmarks; the training-step benchmark runs with this
+interpreter, which needs CompressAI and pytorch-parametrizations 1.0.0 (``pip install -e '.[test]'``).
+``--quick`` shrinks every benchmark (a 0.25 GiB checkpoint, fewer repeats) to check that they run; its figures
+are not the ones to quote. The convergence benchmark is separate: ``python -m benchmarks.convergence``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import io as io_bench
+from . import startup as startup_bench
+from . import train_step as train_bench
+from .io import GIB, MIB
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: acceptance targets of the issue
+TARGETS = {"convert_ratio": 1.2, "convert_ratio_goal": 1.1, "rss_per_file": 0.5, "train_ratio": 1.05,
+           "help_s": 0.3, "inspect_s": 0.5}  # fmt: skip
+
+
+def _lscpu() -> dict[str, str]:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
+
+
+def machine() -> dict[str, Any]:
+    cpu = _lscpu()
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu.get("Model name", platform.processor() or "unknown"),
+        "cpus": os.cpu_count(),
+        "cores_per_socket": cpu.get("Core(s) per socket"),
+        "threads_per_core": cpu.get("Thread(s) per core"),
+        "hypervisor": cpu.get("Hypervisor vendor"),
+        "ram_gib": round(mem / 2**30, 1),
+        "kernel": platform.release(),
+        "os": platform.platform(),
+    }
+
+
+def versions(python: str) -> dict[str, Any]:
+    """Python, torch (and whether it sees a GPU) and the packages that matter, as ``python`` sees them."""
+    code = (
+        "import importlib.metadata as m, json, platform\n"
+        "def v(d):\n    try:\n        return m.version(d)\n    except m.PackageNotFoundError:\n        return None\n"
+        "import torch\n"
+        "names = ['torch', 'safetensors', 'numpy', 'typer', 'rich', 'spectral-cli', 'compressai',"
+        " 'pytorch-parametrizations']\n"
+        "print(json.dumps({'python': platform.python_version(), 'cuda_available': torch.cuda.is_available(),"
+        " 'torch_cuda': torch.version.cuda, **{n: v(n) for n in names}}))\n"
+    )
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
+    try:
+        data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"error": proc.stderr.strip()[-300:]}
+    return data
+
+
+def _git_revision() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "spectral_cli", "benchmarks"], cwd=REPO,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _run_module(module: str, args: Sequence[str]) -> dict[str, Any]:
+    """``python -m benchmarks.<module> ARGS --json FILE`` in a process of its own; its result document."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        argv = [sys.executable, "-m", f"benchmarks.{module}", *args, "--json", out.name]
+        print(f"run_all: {shlex.join(argv)}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        subprocess.run(argv, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+        result: dict[str, Any] = json.loads(Path(out.name).read_text())
+    result["command"] = shlex.join(["python", "-m", f"benchmarks.{module}", *args])
+    result["elapsed_s"] = time.perf_counter() - start
+    return result
+
+
+def run(quick: bool, pythons: Sequence[str], device: str) -> dict[str, Any]:
+    interpreters = [sys.executable, *[p for p in pythons if p != sys.executable]]
+    extra = [a for p in interpreters for a in ("--python", p)]
+    started = _dt.datetime.now(_dt.timezone.utc)
+    load_before = os.getloadavg()
+    if quick:
+        io_args = ["--size-gib", "0.25", "--repeats", "2", "--sharded", *extra]
+        train_args = ["--device", device, "--repeats", "3", "--steps", "3", "--warmup", "2"]
+        startup_args = ["--runs", "3", *extra]
+    else:
+        io_args = ["--size-gib", "1.0", "--repeats", "5", "--sharded", *extra]
+        train_args = ["--device", device, "--repeats", "7", "--steps", "10", "--warmup", "3"]
+        startup_args = ["--runs", "10", *extra]
+    results = {
+        "io": _run_module("io", io_args),
+        "train_step": _run_module("train_step", train_args),
+        "startup": _run_module("startup", startup_args),
+    }
+    return {
+        "date_utc": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": quick,
+        "machine": machine(),
+        "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
+        "git": _git_revision(),
+        "versions": {p: versions(p) for p in interpreters},
+        "results": results,
+    }
+
+
+def _mark(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def acceptance(doc: dict[str, Any]) -> list[str]:
+    """The issue's acceptance points, each with its measured figure."""
+    res = doc["results"]
+    lines = ["| acceptance point | target | measured | holds |", "|---|---|---|---|"]
+
+    def add(point: str, target: str, measured: str, ok: bool) -> None:
+        lines.append(f"| {point} | {target} | {measured} | {_mark(ok)} |")
+
+    io_res = res["io"]
+    size, largest = io_res["checkpoint"]["bytes"], io_res["checkpoint"]["largest_bytes"]
+    for interp in io_res["interpreters"]:
+        row = interp["rows"]["convert"]
+        tag = f"torch {interp['import_torch']['torch']}"
+        add(f"convert time / (load_file + save_file), {size / GIB:.2f} GiB, {tag}", "<= 1.2 (goal 1.1)",
+            f"{row['ratio']:.2f}", row["ratio"] <= TARGETS["convert_ratio"])  # fmt: skip
+        ratio = row["peak"] / size
+        add(f"convert peak RSS / file size, {tag}", "<= 0.5", f"{ratio:.3f} ({row['peak'] / MIB:,.0f} MiB)",
+            ratio <= TARGETS["rss_per_file"])  # fmt: skip
+        add(f"convert peak RSS above its imports, {tag} (goal: largest tensor + 10%)",
+            f"<= {1.1 * largest / MIB:,.0f} MiB", f"{row['above_imports'] / MIB:,.0f} MiB",
+            row["above_imports"] <= 1.1 * largest)  # fmt: skip
+    shard = io_res.get("sharded")
+    if shard:
+        add("a sharded directory larger than the memory the process may use converts",
+            f"{shard['bytes'] / GIB:.2f} GiB under a {shard['cap'] / GIB:.2f} GiB address-space cap",
+            f"converted in {shard['seconds']:.1f} s", True)  # fmt: skip
+    for mode, cell in res["train_step"]["rows"]["rfft"].items():
+        add(f"training step with the default basis (rfft) / without, {mode}, {res['train_step']['device']}",
+            "<= 1.05", f"{cell['ratio']:.3f}", cell["ratio"] <= TARGETS["train_ratio"])  # fmt: skip
+    gib = res["startup"]["file"]["bytes"] / GIB
+    for interp in res["startup"]["interpreters"]:
+        rows = interp["rows"]
+        help_s, inspect_s = rows["spectral --help"]["seconds"], rows["spectral inspect FILE"]["seconds"]
+        add(f"`spectral --help`, torch {interp['torch']}", "<= 0.3 s", f"{help_s:.3f} s", help_s <= TARGETS["help_s"])
+        add(f"`spectral inspect` of a {gib:.0f} GiB safetensors, torch {interp['torch']}", "<= 0.5 s",
+            f"{inspect_s:.3f} s", inspect_s <= TARGETS["inspect_s"])  # fmt: skip
+    return lines
+
+
+def render(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    res = doc["results"]
+    gpu = any(v.get("cuda_available") for v in doc["versions"].values())
+    quick = " (a quick run: not the figures to quote)" if doc["quick"] else ""
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `python -m benchmarks.run_all`; do not edit by hand. Every figure is a ratio measured side by "
+        "side in one run (interleaved repeats, medians), never a timed test.",
+        "",
+        f"- Date: {doc['date_utc']}; commit {doc['git']}{quick}",
+        f"- Machine: {m['cpu']}, {m['cpus']} CPUs ({m['cores_per_socket']} cores per socket, {m['threads_per_core']} "
+        f"thread per core{', ' + m['hypervisor'] + ' VM' if m['hypervisor'] else ''}), {m['ram_gib']} GiB RAM, "
+        f"Linux {m['kernel']}; shared with other jobs (load average {doc['load_average']['before'][0]} before, "
+        f"{doc['load_average']['after'][0]} after).",
+        f"- GPU: {'yes' if gpu else 'none: this machine has no GPU, so every figure here is CPU only'}.",
+    ]
+    for python, v in doc["versions"].items():
+        build = f"CUDA {v.get('torch_cuda')} build" if v.get("torch_cuda") else "CPU build"
+        pkgs = ", ".join(f"{k} {v[k]}" for k in ("safetensors", "numpy", "typer", "rich", "compressai",
+                                                    "pytorch-parametrizations") if v.get(k))  # fmt: skip
+        lines.append(f"- `{python}`: Python {v.get('python')}, torch {v.get('torch')} ({build}), {pkgs}.")
+    lines += [
+        "",
+        "## Acceptance",
+        "",
+        *acceptance(doc),
+        "",
+        "## 1-2. Convert time and peak memory on a large conv checkpoint",
+        "",
+        f"Command: `{res['io']['command']}` ({res['io']['elapsed_s']:.0f} s)",
+        "",
+        io_bench.render(res["io"]),
+        "## 3. Training-step overhead",
+        "",
+        f"Command: `{res['train_step']['command']}` ({res['train_step']['elapsed_s']:.0f} s)",
+        "",
+        train_bench.render(res["train_step"]),
+        "## 4. Start-up",
+        "",
+        f"Command: `{res['startup']['command']}` ({res['startup']['elapsed_s']:.0f} s)",
+        "",
+        startup_bench.render(res["startup"]),
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats: checks that all run")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    p.add_argument("--python", action="append", default=[], help="another interpreter for the I/O and start-up runs")
+    p.add_argument("--device", default="cpu", help="training-step device (cpu or cuda)")
+    p.add_argument("--json", type=Path, help="also write the whole result document here")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    doc = run(args.quick, args.python, args.device)
+    doc["command"] = shlex.join(["python", "-m", "benchmarks.run_all", *(argv if argv is not None else sys.argv[1:])])
+    text = render(doc).replace("# Benchmarks\n", f"# Benchmarks\n\nCommand: `{doc['command']}`\n", 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=2))
+    print(text)
+    return doc
+
+
+if __name__ == "__main__":
+    main()

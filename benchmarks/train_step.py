@@ -1,0 +1,263 @@
+"""Training-step overhead of the spectral parametrization: step time with it / without it.
+
+One command::
+
+    python -m benchmarks.train_step [--device cpu|cuda] [--repeats 7] [--steps 10]
+
+A Ballé-style conv+GDN autoencoder (``stages`` x (5x5 conv stride 2 + GDN), mirrored with transposed convs and
+IGDN; CompressAI's ``GDN``) is trained with Adam on an MSE loss. The same initial network is timed as
+
+``spatial``
+    plain conv kernels (the reference of every ratio);
+``rfft``
+    ``spectral_cli.register_spectral_parametrization`` with the default basis (half spectrum, as one matrix
+    product);
+``rdft``
+    the same with ``basis="rdft"`` (orthonormal real DFT, one matrix product);
+``peer``
+    ``pytorch_parametrizations.spectral.utils.register_spectral_parametrization`` 1.0.0 (``irfftn``).
+
+each eager and under ``torch.compile`` (the model compiled; the optimizer step eager). A step is
+``zero_grad``, forward, MSE, backward, ``Adam.step``. After a warm-up (which for ``torch.compile`` includes
+compiling), every repeat times ``--steps`` consecutive steps of each of the 8 configurations in turn (the order
+rotates from repeat to repeat), so that all see the same machine load; the ratio of a configuration is the
+median over repeats of its time / the time of ``spatial`` in the same mode and repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+VARIANTS: tuple[str, ...] = ("spatial", "rfft", "rdft", "peer")
+MODES: tuple[str, ...] = ("eager", "compile")
+
+
+@dataclass(frozen=True)
+class Config:
+    channels: int
+    kernel: int
+    stages: int
+    batch: int
+    crop: int
+    threads: int | None
+
+
+PRESETS: dict[str, Config] = {
+    # small enough for 2 shared CPU cores: about 50 ms a step at one thread
+    "cpu": Config(channels=32, kernel=5, stages=3, batch=8, crop=64, threads=1),
+    # the figures of docs/spectral-math.md: 128 channels, 5x5 kernels, batch 32 of 256x256
+    "gpu": Config(channels=128, kernel=5, stages=4, batch=32, crop=256, threads=None),
+}
+
+
+class Autoencoder(nn.Module):
+    """Analysis: ``stages`` x (conv stride 2 + GDN), the last without GDN; synthesis: the mirror with IGDN."""
+
+    def __init__(self, channels: int, kernel: int, stages: int) -> None:
+        super().__init__()
+        with warnings.catch_warnings():  # CompressAI scripts a function with torch.jit on import
+            warnings.simplefilter("ignore")
+            from compressai.layers import GDN
+
+        pad = kernel // 2
+        enc: list[nn.Module] = []
+        dec: list[nn.Module] = []
+        for i in range(stages):
+            enc.append(nn.Conv2d(3 if i == 0 else channels, channels, kernel, stride=2, padding=pad))
+            if i < stages - 1:
+                enc.append(GDN(channels))
+        for i in range(stages):
+            last = i == stages - 1
+            dec.append(nn.ConvTranspose2d(channels, 3 if last else channels, kernel, 2, padding=pad, output_padding=1))
+            if not last:
+                dec.append(GDN(channels, inverse=True))
+        self.encoder = nn.Sequential(*enc)
+        self.decoder = nn.Sequential(*dec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.decoder(self.encoder(x))
+        return out
+
+
+def _register(variant: str, model: nn.Module) -> None:
+    if variant in ("rfft", "rdft"):
+        from spectral_cli import register_spectral_parametrization
+
+        register_spectral_parametrization(model, basis=variant)  # type: ignore[arg-type]
+    elif variant == "peer":
+        from pytorch_parametrizations.spectral.utils import register_spectral_parametrization as peer
+
+        peer(model)
+
+
+class Trainer:
+    """One configuration: its model, optimizer and a fixed batch; ``steps(n)`` runs and times ``n`` steps."""
+
+    def __init__(self, variant: str, mode: str, base: nn.Module, x: torch.Tensor, device: torch.device) -> None:
+        self.name = f"{variant}/{mode}"
+        model = copy.deepcopy(base)
+        _register(variant, model)
+        self.model = model.to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = (
+            torch.compile(self.model) if mode == "compile" else self.model  # type: ignore[assignment]
+        )
+        self.x, self.device = x, device
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def steps(self, n: int) -> float:
+        """Seconds per step over ``n`` consecutive steps."""
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = torch.mean((self.forward(self.x) - self.x) ** 2)
+            loss.backward()  # type: ignore[no-untyped-call]
+            self.optimizer.step()
+        self._sync()
+        return (time.perf_counter() - start) / n
+
+
+def run(
+    cfg: Config,
+    device: str = "cpu",
+    repeats: int = 7,
+    steps: int = 10,
+    warmup: int = 3,
+    variants: Sequence[str] = VARIANTS,
+    modes: Sequence[str] = MODES,
+    log: bool = True,
+) -> dict[str, Any]:
+    """Time every (variant, mode), interleaved; the result document."""
+    dev = torch.device(device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(0)
+    base = Autoencoder(cfg.channels, cfg.kernel, cfg.stages)
+    x = torch.rand(cfg.batch, 3, cfg.crop, cfg.crop, device=dev)
+    trainers = [Trainer(v, m, base, x, dev) for m in modes for v in variants]
+    warm: dict[str, float] = {}
+    for t in trainers:
+        start = time.perf_counter()
+        t.steps(warmup)
+        warm[t.name] = time.perf_counter() - start
+        if log:
+            print(f"train_step: warm-up {t.name}: {warm[t.name]:.1f} s", file=sys.stderr, flush=True)
+    times: dict[str, list[float]] = {t.name: [] for t in trainers}
+    for r in range(repeats):
+        shift = r % len(trainers)
+        for t in trainers[shift:] + trainers[:shift]:
+            times[t.name].append(t.steps(steps))
+        if log:
+            line = "  ".join(f"{name} {ts[-1] * 1e3:.1f}" for name, ts in times.items())
+            print(f"train_step: [{r + 1}/{repeats}] ms/step: {line}", file=sys.stderr, flush=True)
+    rows: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        rows[variant] = {}
+        for mode in modes:
+            own, ref = times[f"{variant}/{mode}"], times[f"spatial/{mode}"]
+            rows[variant][mode] = {
+                "ms": 1e3 * statistics.median(own),
+                "ratio": statistics.median(a / b for a, b in zip(own, ref, strict=True)),
+                "ms_all": [round(1e3 * t, 3) for t in own],
+                "warmup_s": warm[f"{variant}/{mode}"],
+            }
+    convs = sum(1 for m in base.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+    params = sum(p.numel() for p in base.parameters())
+    return {
+        "config": asdict(cfg),
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "steps": steps,
+        "warmup": warmup,
+        "model": {"convs": convs, "params": params},
+        "rows": rows,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "cpu")
+    except OSError:
+        return "cpu"
+
+
+def render(result: dict[str, Any]) -> str:
+    """A Markdown table of a :func:`run` result."""
+    cfg = result["config"]
+    modes = [m for m in MODES if m in next(iter(result["rows"].values()))]
+    lines = [
+        f"Device: {result['device']} ({result['device_name']}), {result['torch_threads']} torch thread(s). Model: "
+        f"{cfg['stages']} x (conv {cfg['kernel']}x{cfg['kernel']} stride 2 + GDN) and the mirror with IGDN, "
+        f"{cfg['channels']} channels, {result['model']['convs']} convs, {result['model']['params']:,} parameters; "
+        f"Adam, MSE; batch {cfg['batch']} of {cfg['crop']}x{cfg['crop']}. Median of {result['repeats']} "
+        f"interleaved repeats of {result['steps']} steps each, after {result['warmup']} warm-up steps.",
+        "",
+        "| variant | " + " | ".join(f"{m} ms/step | {m} ratio" for m in modes) + " |",
+        "|---|" + "---|---|" * len(modes),
+    ]
+    names = {"spatial": "spatial (reference)", "rfft": "rfft (ours, default)", "rdft": "rdft (ours)",
+             "peer": "pytorch-parametrizations 1.0.0 (peer)"}  # fmt: skip
+    for variant, row in result["rows"].items():
+        cells = " | ".join(f"{row[m]['ms']:.2f} | {row[m]['ratio']:.3f}" for m in modes)
+        lines.append(f"| {names.get(variant, variant)} | {cells} |")
+    lines.append("")
+    raw = "; ".join(f"{variant}/{m}: {row[m]['ms_all']}" for variant, row in result["rows"].items() for m in modes)
+    lines += [f"Raw ms/step per repeat: {raw}", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu); picks the preset of that name")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--steps", type=int, default=10, help="steps timed per configuration and repeat")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--channels", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--crop", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", type=Path, help="also write the result document here")
+    return p.parse_args(argv)
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    cfg = PRESETS["gpu" if args.device.startswith("cuda") else "cpu"]
+    changes = {k: getattr(args, k) for k in ("channels", "batch", "crop", "threads") if getattr(args, k) is not None}
+    return replace(cfg, **changes)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if "spatial" not in args.variants:
+        args.variants = ["spatial", *args.variants]
+    result = run(config_from(args), args.device, args.repeats, args.steps, args.warmup, args.variants, args.modes)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(render(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
