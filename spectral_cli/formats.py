@@ -55,12 +55,15 @@ def detect_format(path: Path) -> str:
         raise CheckpointError(f"{path}: is empty; pass a checkpoint written by torch.save or safetensors")
     if head.startswith(b"PK\x03\x04"):
         return TORCH
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        return TORCH_LEGACY
+    # safetensors before the legacy pickle: a header of 640, 896, 1152 or 1408 bytes (+ k * 65536) starts with
+    # the bytes of a pickle protocol mark (0x80, 2..5). A pickle never passes this test: its bytes 2 to 7 are
+    # opcodes (torch's legacy files: its magic number), which make the "length" far larger than any header.
     if len(head) == 9 and head[8:9] == b"{":
         (size,) = struct.unpack("<Q", head[:8])
         if 0 < size <= _MAX_SAFETENSORS_HEADER:
             return SAFETENSORS
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return TORCH_LEGACY
     raise CheckpointError(f"{path}: not a checkpoint spectral_cli can read (expected a torch.save file or safetensors)")
 
 
