@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -136,6 +137,20 @@ def _quiet_load(path: Path, **kwargs: Any) -> Any:
         return torch.load(path, map_location="cpu", **kwargs)
 
 
+#: the first torch whose weights_only loader has no known way to run code (CVE-2025-32434, CVE-2026-24747)
+SAFE_TORCH = (2, 10)
+
+
+def _check_torch_version() -> None:
+    """Refuse to unpickle with a torch whose weights_only loader is known to run code (pip metadata can be bypassed)."""
+    found = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+    if found is None or (int(found[1]), int(found[2])) < SAFE_TORCH:
+        raise RefusedError(
+            f"torch {torch.__version__} can run code from a checkpoint even with weights_only=True "
+            f"(CVE-2025-32434, CVE-2026-24747); install torch>={'.'.join(map(str, SAFE_TORCH))}"
+        )
+
+
 def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> Any:
     with zipfile.ZipFile(path) if fmt == TORCH else contextlib.nullcontext() as archive:
         if archive is not None and any(n.endswith("/constants.pkl") for n in archive.namelist()):
@@ -145,6 +160,7 @@ def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> Any:
             )
     if trust_pickle:
         return _quiet_load(path, weights_only=False)
+    _check_torch_version()
     try:
         return _quiet_load(path, weights_only=True, mmap=fmt == TORCH)
     except pickle.UnpicklingError as e:

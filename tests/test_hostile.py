@@ -718,3 +718,16 @@ def test_exotic_tensors_are_carried_over(tmp_path: Path, exotic: str) -> None:
         assert rel_err(baked[key], state[key]) <= 1e-6
     assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
     assert math.isfinite(doc["max_error"])
+
+
+def test_a_torch_with_known_weights_only_holes_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip's torch>=2.10 can be bypassed (--no-deps, an older environment): loading is refused at run time too."""
+    work = copy_samples(tmp_path, ["balle.pt"])
+    before = snapshot(work)
+    monkeypatch.setattr(checkpoint.torch, "__version__", "2.9.1+cu128")
+    result = spectral("convert", work / "balle.pt")
+    assert result.exit_code == 5
+    assert "torch>=2.10" in one_line(result.stderr)
+    assert snapshot(work) == before
+    monkeypatch.setattr(checkpoint.torch, "__version__", "2.10.0a0+git1234")  # a 2.10 nightly is fine
+    assert spectral("inspect", work / "balle.pt").exit_code == 0
