@@ -190,6 +190,8 @@ def to_spectral(w: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFA
     ks, basis = check_kernel_size(kernel_size), check_basis(basis)
     _check_tensor(w, ks, f"a weight for kernel size {ks}", 0)
     cdtype = compute_dtype(w.dtype)
+    if w.numel() == 0:  # a zero-channel conv: torch.fft rejects empty input, and there is nothing to transform
+        return w.new_zeros(spectral_shape(w.shape, ks, basis))
     if basis == "rfft":
         dims = tuple(range(-len(ks), 0))
         c = torch.fft.rfftn(w.to(cdtype), s=ks, dim=dims, norm="ortho")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -117,6 +118,10 @@ def new_file_mode() -> int:
 class atomic_file:
     """A temporary file beside ``target``, fsynced and renamed over it on success, removed on any failure.
 
+    ``verify(path)``, when given, checks the finished temporary file before the rename: if it raises, the
+    temporary file is removed and whatever ``target`` held before is untouched. The directory is fsynced after
+    the rename so that the new name survives a power loss.
+
     Example:
         >>> import pathlib, tempfile
         >>> target = pathlib.Path(tempfile.mkdtemp()) / "out.bin"
@@ -126,8 +131,9 @@ class atomic_file:
         b'done'
     """
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, verify: Callable[[Path], None] | None = None) -> None:
         self.target = target
+        self.verify = verify
 
     def __enter__(self) -> IO[bytes]:
         fd, name = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent)
@@ -149,6 +155,23 @@ class atomic_file:
                 os.fsync(self.file.fileno())
             self.file.close()
             if kind is None:
+                if self.verify is not None:
+                    self.verify(self.tmp)
                 os.replace(self.tmp, self.target)
+                fsync_directory(self.target.parent)
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -250,7 +250,7 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Skip:
+class Skipped:
     """A tensor left as it was, and why (``"1x1 kernel"``, ``"excluded"``, ``"already spectral"`` ...)."""
 
     key: str
@@ -262,7 +262,7 @@ class Plan:
     """What convert or bake will do. ``records`` are those the output carries."""
 
     steps: list[Step] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
     records: dict[str, LayerRecord] = field(default_factory=dict)
 
     def output_specs(self, specs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
@@ -290,7 +290,10 @@ def plan_convert(
     for key, spec in specs.items():
         if key.endswith(SPECTRAL_SUFFIX) and key in plan.records:
             check_record(key, spec, plan.records[key])
-            plan.skipped.append(Skip(key, "already spectral"))
+            plan.skipped.append(Skipped(key, "already spectral"))
+            continue
+        if key.endswith((SPECTRAL_SUFFIX, COMPRESSAI_SUFFIX)) and _looks_spectral(key, spec):
+            plan.skipped.append(Skipped(key, "already spectral"))
             continue
         if not is_conv_kernel_key(key, spec):
             continue
@@ -314,8 +317,16 @@ def plan_convert(
             plan.steps.append(Step(name, key, target, basis, ks, spec.shape, shape_after, spec.dtype, spec.dtype))
             plan.records[target] = LayerRecord(basis, ks, spec.dtype)
             continue
-        plan.skipped.append(Skip(key, reason))
+        plan.skipped.append(Skipped(key, reason))
     return plan
+
+
+def _looks_spectral(key: str, spec: TensorSpec) -> bool:
+    """A record-less tensor in a foreign spectral layout (pytorch-parametrizations, CompressAI)."""
+    try:
+        return spectral_step(key, spec, {}) is not None
+    except AmbiguousKernelSizeError:
+        return True  # the shape of an rfft tensor, only its kernel size is unknown
 
 
 def spectral_step(
@@ -373,7 +384,7 @@ def plan_bake(
         if step is None:
             continue
         if not selected(step.name, inc, exc):
-            plan.skipped.append(Skip(key, "excluded"))
+            plan.skipped.append(Skipped(key, "excluded"))
             continue
         if step.target_key in specs:
             raise SpectralError(f"{key} and {step.target_key} are both present: the state dict is half baked")

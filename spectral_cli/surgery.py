@@ -43,6 +43,7 @@ from .layout import (
     LayerInfo,
     LayerRecord,
     Plan,
+    Skipped,
     Step,
     TensorSpec,
     describe,
@@ -99,14 +100,6 @@ class LayerChange:
     @property
     def params_after(self) -> int:
         return math.prod(self.shape_after)
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A tensor left as it was, and why (``"1x1 kernel"``, ``"excluded"``, ``"already spectral"`` ...)."""
-
-    key: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -205,7 +198,7 @@ def _execute(state_dict: StateDict, plan: Plan, kind: str) -> SurgeryResult:
         out[step.target_key] = tensor
         changed.append(change)
     _with_records(out, state_dict, plan.records)
-    skipped = tuple(Skipped(s.key, s.reason) for s in plan.skipped)
+    skipped = tuple(plan.skipped)
     return SurgeryResult(out, tuple(changed), skipped, plan.records)
 
 

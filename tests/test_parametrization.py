@@ -617,3 +617,12 @@ def test_cuda_register_on_gpu_module_and_half(basis: str) -> None:
     y = conv(x)
     assert y.dtype == torch.float16 and torch.isfinite(y).all()
     assert rel_err(conv.weight, w0) <= 1e-2
+
+
+@pytest.mark.parametrize("basis", ["rfft", "rdft"])
+def test_zero_channel_conv_registers_and_bakes(basis: str) -> None:
+    conv = nn.Conv2d(0, 4, 3)
+    assert register_spectral_parametrization(conv, basis=basis).changed == ("",)
+    assert conv.weight.shape == (4, 0, 3, 3)
+    assert register_spectral_parametrization(conv, undo=True).changed == ("",)
+    assert type(conv) is nn.Conv2d and conv.weight.shape == (4, 0, 3, 3)

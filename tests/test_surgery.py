@@ -617,3 +617,17 @@ def test_half_converted_state_dict_is_refused(basis: str) -> None:
 def test_unknown_basis_is_refused() -> None:
     with pytest.raises(SpectralError, match="dct"):
         convert_state_dict(make_mixed().state_dict(), basis="dct")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (4, 4), (3, 5)])
+def test_record_less_seed_checkpoint_counts_as_already_spectral(kernel: tuple[int, int]) -> None:
+    from pytorch_parametrizations.spectral.utils import register_spectral_parametrization as seed_register
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, kernel))
+    seed_register(net)
+    result = convert_state_dict(net.state_dict())
+    assert result.changed == ()
+    assert [(s.key, s.reason) for s in result.skipped] == [("0.parametrizations.weight.original", "already spectral")]
+    for key, value in net.state_dict().items():
+        assert torch.equal(result.state_dict[key], value)
