@@ -14,7 +14,7 @@ import errno
 import json
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from io import BufferedReader
 from pathlib import Path
@@ -125,14 +125,18 @@ def read_tensor(f: BufferedReader, entry: Entry) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=dtype).reshape(entry.spec.shape)
 
 
-def read_rows(f: BufferedReader, entry: Entry, shape: tuple[int, ...], start: int, end: int) -> torch.Tensor:
-    """Rows ``start:end`` of the tensor of ``entry`` viewed as ``shape`` (rows first), read into memory of their own.
+def read_rows(
+    f: BufferedReader, entry: Entry, shape: tuple[int, ...], start: int, end: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows ``start:end`` of the tensor of ``entry`` viewed as ``shape`` (rows first), read into memory of their own
+    (``out``, flat and of the right size and dtype, when given).
 
     Reads with ``pread``, so threads may read different rows of one file at once.
     """
     import torch
 
-    rows = torch.empty((end - start, *shape[1:]), dtype=getattr(torch, entry.spec.dtype))
+    dtype = getattr(torch, entry.spec.dtype)
+    rows = torch.empty((end - start, *shape[1:]), dtype=dtype) if out is None else out.view(end - start, *shape[1:])
     row_bytes = (entry.end - entry.start) // shape[0] if shape[0] else 0
     view, offset = tensor_bytes(rows), entry.start + start * row_bytes
     done = 0
@@ -184,21 +188,55 @@ def write_stream(
 ) -> None:
     """Write a safetensors file atomically: header from ``specs``, then each tensor from ``produce(name)``.
 
-    ``produce`` returns a tensor of the planned spec, or ``(file, start, end)`` to copy bytes unchanged (in the
-    kernel where it can: ``copy_file_range``). Tensors are written from their own memory, without copies.
+    ``produce`` returns a tensor of the planned spec; or an iterator of ``(byte offset, tensor)``, the planned
+    tensor in pieces of its dtype, in any order, that together cover it (each piece is written before the next
+    is asked for); or ``(file, start, end)`` to copy bytes unchanged (in the kernel where it can:
+    ``copy_file_range``). Tensors are written from their own memory, without copies.
     """
     with atomic_file(target) as out:
-        out.write(header_bytes(specs, metadata))
-        out.flush()
+        header = header_bytes(specs, metadata)
+        out.write(header)
+        position = len(header)
         for name, spec in specs.items():
             source = produce(name)
+            out.seek(position)
             if isinstance(source, tuple):
                 handle, start, end = source
                 written = _copy_range(handle, start, end, out)
+            elif isinstance(source, Iterator):
+                written = _write_pieces(out, position, name, spec, source)
             else:
                 written = _write_tensor(out, name, spec, source)
+            position += written
             if progress is not None:
                 progress(written)
+
+
+def _write_pieces(
+    out: IO[bytes], position: int, name: str, spec: TensorSpec, pieces: Iterator[tuple[int, torch.Tensor]]
+) -> int:
+    """Write each ``(offset, piece)`` at ``position + offset``; the pieces must cover the tensor exactly once."""
+    covered: list[tuple[int, int]] = []
+    try:
+        for offset, piece in pieces:
+            size = piece.numel() * piece.element_size()
+            if offset < 0 or offset + size > spec.nbytes:
+                raise CheckpointError(f"{name}: produced a piece at {offset}..{offset + size}, outside {spec}")
+            out.seek(position + offset)
+            _write_tensor(out, name, TensorSpec(tuple(piece.shape), spec.dtype), piece)
+            covered.append((offset, offset + size))
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()  # a generator stops its work (threads) now, also when writing failed
+    end = 0
+    for start, stop in sorted(covered):
+        if start != end:
+            raise CheckpointError(f"{name}: the pieces produced do not cover {spec} exactly once")
+        end = stop
+    if end != spec.nbytes:
+        raise CheckpointError(f"{name}: the pieces produced do not cover {spec} exactly once")
+    return spec.nbytes
 
 
 def _copy_range(f: IO[bytes], start: int, end: int, out: IO[bytes]) -> int:

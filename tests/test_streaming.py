@@ -192,6 +192,25 @@ def test_untouched_tensors_are_copied_byte_for_byte(
         assert _bits(got[key]) == _bits(original[key])
 
 
+@pytest.mark.parametrize(
+    "pieces",
+    [[(0, 0, 2), (16, 4, 8)], [(0, 0, 4), (8, 2, 8)], [(0, 0, 4)], [(0, 0, 8), (36, 0, 1)]],
+    ids=["gap", "overlap", "short", "outside"],
+)
+def test_pieces_that_do_not_cover_the_tensor_are_refused(tmp_path: Path, pieces: list[tuple[int, int, int]]) -> None:
+    from spectral_cli.errors import CheckpointError
+    from spectral_cli.layout import TensorSpec
+
+    data = torch.arange(8, dtype=torch.float32)
+    specs = {"w": TensorSpec((8,), "float32")}
+    target = tmp_path / "out.safetensors"
+    with pytest.raises(CheckpointError, match="w: "):
+        stream.write_stream(target, specs, {}, lambda name: iter([(o, data[a:b]) for o, a, b in pieces]))
+    assert listing(tmp_path) == []
+    stream.write_stream(target, specs, {}, lambda name: iter([(16, data[4:]), (0, data[:4])]))  # any order
+    assert torch.equal(load_file(str(target))["w"], data)
+
+
 # ---- sharded input and output ----------------------------------------------------------------------------------
 
 
