@@ -154,6 +154,29 @@ def _progress(enabled: bool, what: str) -> Iterator[Callable[[int, int], None] |
         yield update
 
 
+def _transform(
+    command: str,
+    operation: Callable[..., Any],
+    source: Path,
+    output: Path | None,
+    options: dict[str, Any],
+    dry_run: bool,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+    max_shard_size: str | None,
+    trust_pickle: bool,
+) -> None:
+    """Run convert or bake with a progress bar, then print its report."""
+    from .operations import parse_size
+
+    shard = None if max_shard_size is None else parse_size(max_shard_size)
+    with _progress(not (quiet or as_json), "converting" if command == "convert" else "baking") as progress:
+        report = operation(source, output, dry_run=dry_run, force=force, trust_pickle=trust_pickle,
+                           max_shard_size=shard, progress=progress, **options)  # fmt: skip
+    _print_report(command, report, as_json, dry_run)
+
+
 def _print_report(command: str, report: Any, as_json: bool, dry_run: bool) -> None:
     from . import render
 
@@ -215,23 +238,11 @@ def convert(
     """Turn a checkpoint's conv kernels into spectral 'original' tensors, as torch.nn.utils.parametrize stores them."""
 
     def body() -> None:
-        from .operations import convert_file, parse_size
+        from .operations import convert_file
 
-        shard = None if max_shard_size is None else parse_size(max_shard_size)
-        with _progress(not (quiet or as_json), "converting") as progress:
-            report = convert_file(
-                input,
-                output,
-                basis=basis.value,
-                include=include,
-                exclude=exclude,
-                dry_run=dry_run,
-                force=force,
-                trust_pickle=trust_pickle,
-                max_shard_size=shard,
-                progress=progress,
-            )
-        _print_report("convert", report, as_json, dry_run)
+        options = {"basis": basis.value, "include": include, "exclude": exclude}
+        _transform("convert", convert_file, input, output, options, dry_run, force, as_json, quiet, max_shard_size,
+                   trust_pickle)  # fmt: skip
 
     _run(as_json, body)
 
@@ -255,26 +266,16 @@ def bake(
 
     def body() -> None:
         from .errors import AmbiguousKernelSizeError
-        from .operations import bake_file, parse_size
+        from .operations import bake_file
 
-        shard = None if max_shard_size is None else parse_size(max_shard_size)
+        options = {"kernel_size": _parse_kernel_size(kernel_size)}
         try:
-            with _progress(not (quiet or as_json), "baking") as progress:
-                report = bake_file(
-                    input,
-                    output,
-                    kernel_size=_parse_kernel_size(kernel_size),
-                    dry_run=dry_run,
-                    force=force,
-                    trust_pickle=trust_pickle,
-                    max_shard_size=shard,
-                    progress=progress,
-                )
+            _transform("bake", bake_file, input, output, options, dry_run, force, as_json, quiet, max_shard_size,
+                       trust_pickle)  # fmt: skip
         except AmbiguousKernelSizeError as e:
             if "--kernel-size" in str(e):
                 raise
             raise AmbiguousKernelSizeError(f"{e} with --kernel-size KHxKW, e.g. --kernel-size 3x5") from None
-        _print_report("bake", report, as_json, dry_run)
 
     _run(as_json, body)
 
