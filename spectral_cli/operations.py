@@ -317,18 +317,22 @@ def convert_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scrat
         tensor, change = convert_tensor(step, read_tensor(f, entry))
         yield 0, tensor
         return change
+    if scratch is None:
+        with Scratch() as own:
+            return (yield from convert_streamed(step, f, entry, own))
     ks, basis = step.kernel_size, step.basis
     rows = entry.spec.numel // math.prod(ks)
     if basis != "rfft":
         weight = read_tensor(f, entry).reshape(rows, *ks)
-        spectral = to_spectral(weight, ks, basis)
-        errors = [_slab_error(to_spatial(spectral[i:j], ks, basis), weight[i:j]) for i, j in _slabs(weight)]
+        spectral = to_spectral(weight, ks, basis)  # whole, on torch's own threads
+
+        def check(i: int, j: int) -> torch.Tensor:
+            return _slab_error(to_spatial(spectral[i:j], ks, basis), weight[i:j])
+
+        errors = _check_slabs(scratch, weight, check)
         yield 0, spectral.reshape(step.shape_after)
         return _streamed_change(step, _relative_error(errors))
-    if scratch is None:
-        with Scratch() as own:
-            return (yield from convert_streamed(step, f, entry, own))
-    dtype = getattr(torch, step.out_dtype)
+    dtype = getattr(torch, entry.spec.dtype)
     row_bytes = entry.spec.nbytes // rows
     plane_bytes = math.prod(step.shape_after[1:]) * dtype.itemsize
     out_row_bytes = plane_bytes // rows
@@ -368,6 +372,9 @@ def bake_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch 
     """:func:`~spectral_cli.surgery.bake_tensor` on a tensor of a file: the same bits (the weight is computed
     whole: a matrix product's last bits depend on how the rows are split); the float64 rounding check slab by
     slab, so memory stays near the input and output tensors."""
+    if scratch is None:
+        with Scratch() as own:
+            return (yield from bake_streamed(step, f, entry, own))
     stored = read_tensor(f, entry)
     if stored.numel() == 0:
         tensor, change = bake_tensor(step, stored)
@@ -380,19 +387,22 @@ def bake_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch 
     rows = weight.numel() // math.prod(ks)
     flat = weight.view(rows, *ks)
     coefficients = real.view(2, rows, *real.shape[real.dim() - len(ks) :]) if basis == "rfft" else real.view(rows, -1)
-    errors = []
-    for i, j in _slabs(flat):
+
+    def check(i: int, j: int) -> torch.Tensor:
         part = coefficients[:, i:j] if basis == "rfft" else coefficients[i:j].view(j - i, *ks)
-        errors.append(_slab_error(flat[i:j], to_spatial(part.to(torch.float64), ks, basis)))
+        return _slab_error(flat[i:j], to_spatial(part.to(torch.float64), ks, basis))
+
+    errors = _check_slabs(scratch, flat, check)
     yield 0, weight
     return _streamed_change(step, _relative_error(errors))
 
 
-def _slabs(rows: torch.Tensor) -> list[tuple[int, int]]:
-    """``(start, end)`` of slabs of about :data:`SLAB_BYTES` along the first dim of ``rows``."""
+def _check_slabs(scratch: Scratch, rows: torch.Tensor, check: Callable[[int, int], torch.Tensor]) -> list[torch.Tensor]:
+    """``check(start, end)`` over slabs of about :data:`SLAB_BYTES` of ``rows`` (first dim), on the threads."""
     n = rows.shape[0]
     per_slab = max(1, SLAB_BYTES // max(1, rows[0].numel() * rows.element_size())) if n else 1
-    return [(i, min(n, i + per_slab)) for i in range(0, n, per_slab)]
+    with scratch.threads() as pool:
+        return list(pool.map(lambda i: check(i, min(n, i + per_slab)), range(0, n, per_slab)))
 
 
 def _slab_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:

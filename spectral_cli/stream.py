@@ -112,17 +112,22 @@ def _check_layout(path: Path, entries: Mapping[str, Entry], data_start: int, siz
 
 
 def read_tensor(f: BufferedReader, entry: Entry) -> torch.Tensor:
-    """One tensor, read into memory of its own (no mmap, so resident memory is only what is in use)."""
+    """One tensor, read into memory of its own (no mmap, so resident memory is only what is in use; no zero fill
+    before the read). Reads with ``pread``: the file position is not used."""
     import torch
 
-    buffer = bytearray(entry.end - entry.start)
-    f.seek(entry.start)
-    if f.readinto(buffer) != len(buffer):
-        raise CheckpointError(f"{f.name}: ended while reading a tensor; the file is truncated")
-    dtype = getattr(torch, entry.spec.dtype)
-    if not buffer:
-        return torch.empty(entry.spec.shape, dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype).reshape(entry.spec.shape)
+    tensor = torch.empty(entry.spec.shape, dtype=getattr(torch, entry.spec.dtype))
+    _pread_into(f, tensor_bytes(tensor), entry.start)
+    return tensor
+
+
+def _pread_into(f: BufferedReader, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(f.fileno(), [view[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{f.name}: ended while reading a tensor; the file is truncated")
+        done += n
 
 
 def read_rows(
@@ -138,13 +143,7 @@ def read_rows(
     dtype = getattr(torch, entry.spec.dtype)
     rows = torch.empty((end - start, *shape[1:]), dtype=dtype) if out is None else out.view(end - start, *shape[1:])
     row_bytes = (entry.end - entry.start) // shape[0] if shape[0] else 0
-    view, offset = tensor_bytes(rows), entry.start + start * row_bytes
-    done = 0
-    while done < len(view):
-        n = os.preadv(f.fileno(), [view[done:]], offset + done)
-        if n <= 0:
-            raise CheckpointError(f"{f.name}: ended while reading a tensor; the file is truncated")
-        done += n
+    _pread_into(f, tensor_bytes(rows), entry.start + start * row_bytes)
     return rows
 
 
