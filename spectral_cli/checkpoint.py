@@ -19,7 +19,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,9 +219,15 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, metadata
 
 
-def write_atomic(target: Path, fmt: str, obj: Any, metadata: Mapping[str, str] | None = None) -> None:
+def write_atomic(
+    target: Path,
+    fmt: str,
+    obj: Any,
+    metadata: Mapping[str, str] | None = None,
+    verify: Callable[[Path], None] | None = None,
+) -> None:
     """Write ``obj`` with ``torch.save`` (or safetensors) to ``target`` atomically; see :class:`atomic_file`."""
-    with atomic_file(target) as f:
+    with atomic_file(target, verify) as f:
         if fmt == SAFETENSORS:
             from safetensors.torch import save
 

@@ -54,6 +54,7 @@ from .formats import (
     check_output,
     default_output,
     detect_format,
+    fsync_directory,
     output_format,
 )
 from .layout import LayerRecord, Plan, Step, TensorSpec, plan_bake, plan_convert, records_from_json, records_to_json
@@ -171,26 +172,23 @@ def _transform_torch(
     if fmt == SAFETENSORS:
         records = records_of(get_at(obj, ()))
         metadata = _file_metadata(ck.metadata, records, None)
-    write_atomic(target, fmt, obj, metadata)
-    _verify_torch(target, obj, ck.locations)
+    write_atomic(target, fmt, obj, metadata, verify=lambda tmp: _verify_torch(tmp, target, obj, ck.locations))
     report.written, report.files = True, [target]
     return report
 
 
-def _verify_torch(target: Path, written: Any, locations: list[tuple[str, ...]]) -> None:
-    """Read the output back and compare every tensor with what was meant to be written."""
-    back = load_checkpoint(target)
+def _verify_torch(written_path: Path, target: Path, written: Any, locations: list[tuple[str, ...]]) -> None:
+    """Read the written file back (before it replaces ``target``) and compare every tensor with ``written``."""
+    back = load_checkpoint(written_path)
     for loc in locations:
         expected, actual = get_at(written, loc), get_at(back.obj, loc)
         if back.format == SAFETENSORS:
             actual = _with_records(actual, back.metadata)
         bad = [k for k, v in expected.items() if isinstance(v, torch.Tensor) and not _same(v, actual.get(k))]
         if bad or set(expected) != set(actual):
-            target.unlink(missing_ok=True)
-            raise CheckpointError(f"{target}: read back differently from what was written ({bad[:3]}); removed it")
+            raise CheckpointError(f"{target}: read back differently from what was written ({bad[:3]}); not written")
         if records_of(expected) != records_of(actual):
-            target.unlink(missing_ok=True)
-            raise CheckpointError(f"{target}: lost its spectral records on writing; removed it")
+            raise CheckpointError(f"{target}: lost its spectral records on writing; not written")
 
 
 def _with_records(sd: Mapping[str, Any], metadata: Mapping[str, str]) -> Mapping[str, Any]:
@@ -537,8 +535,8 @@ def _transform_safetensors(
             return report
         if not sharded:
             meta = _file_metadata(st.headers[0].metadata, plan.records, None)
-            write_stream(target, out_specs, meta, produce, tick)
-            _verify_headers({target: (out_specs, meta)})
+            write_stream(target, out_specs, meta, produce, tick,
+                         verify=lambda tmp: _verify_headers({tmp: (out_specs, meta)}, target))  # fmt: skip
             report.files = [target]
         else:
             report.files = _write_sharded(st, target, layout, out_specs, plan, produce, tick, force)
@@ -575,12 +573,20 @@ def _write_sharded(
         (staging / index_name).write_text(json.dumps({"metadata": index_meta, "weight_map": weight_map}, indent=2))
         os.chmod(staging, 0o777 & ~_umask())
         if target.exists() and force:
+            # Two renames: the old output steps aside, the new one takes its name; if the second fails the
+            # old one is put back, so a failure never leaves the target name empty.
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, old / "previous")
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(old / "previous", target)
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, target)
+        fsync_directory(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -593,13 +599,14 @@ def _umask() -> int:
     return mask
 
 
-def _verify_headers(expected: Mapping[Path, tuple[Mapping[str, TensorSpec], Mapping[str, str]]]) -> None:
-    """Read each written header back: every tensor where planned, with the planned records."""
+def _verify_headers(
+    expected: Mapping[Path, tuple[Mapping[str, TensorSpec], Mapping[str, str]]], target: Path | None = None
+) -> None:
+    """Read each written header back (before it is renamed into place): every tensor and record as planned."""
     for path, (specs, meta) in expected.items():
         header = read_header(path)
         if header.specs != dict(specs) or header.metadata != dict(meta):
-            path.unlink(missing_ok=True)
-            raise CheckpointError(f"{path}: read back differently from what was written; removed it")
+            raise CheckpointError(f"{target or path}: read back differently from what was written; not written")
 
 
 # ---- the two operations ---------------------------------------------------------------------------------------

@@ -184,6 +184,7 @@ def write_stream(
     metadata: Mapping[str, str],
     produce: Callable[[str], Any],
     progress: Callable[[int], None] | None = None,
+    verify: Callable[[Path], None] | None = None,
 ) -> None:
     """Write a safetensors file atomically: header from ``specs``, then each tensor from ``produce(name)``.
 
@@ -192,7 +193,7 @@ def write_stream(
     is asked for); or ``(file, start, end)`` to copy bytes unchanged (in the kernel where it can:
     ``copy_file_range``). Tensors are written from their own memory, without copies.
     """
-    with atomic_file(target) as out:
+    with atomic_file(target, verify) as out:
         header = header_bytes(specs, metadata)
         out.write(header)
         position = len(header)

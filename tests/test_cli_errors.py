@@ -461,3 +461,14 @@ def test_file_names_are_not_read_as_markup(tmp_path: Path) -> None:
     assert str(work / "net[bold].spectral.pt") in one_line(result.stderr)
     result = spectral("inspect", work / "gone[/].pt")
     assert result.exit_code == 3 and "gone[/].pt" in one_line(result.stderr)
+
+
+def test_failed_read_back_under_force_keeps_the_old_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = copy_samples(tmp_path, ["balle.pt"])
+    (work / "out.pt").write_bytes(b"previous output")
+    monkeypatch.setattr(operations, "_same", lambda a, b: False)
+    result = spectral("convert", work / "balle.pt", "-o", work / "out.pt", "--force")
+    assert result.exit_code == 3
+    assert "read back" in one_line(result.stderr)
+    assert (work / "out.pt").read_bytes() == b"previous output"
+    assert not temp_files(work)
