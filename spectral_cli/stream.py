@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from io import BufferedReader
@@ -31,6 +32,8 @@ _MAX_HEADER = 100_000_000
 _COPY_CHUNK = 16 << 20
 _CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
 _COPY_FILE_RANGE = getattr(os, "copy_file_range", None)
+_PREADV = getattr(os, "preadv", None)
+_SEEK_LOCK = threading.Lock()
 #: errors of copy_file_range that mean "not here" (old kernel, other file systems, seccomp): copy by hand
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
 
@@ -122,10 +125,17 @@ def read_tensor(f: BufferedReader, entry: Entry) -> torch.Tensor:
 
 
 def _pread_into(f: BufferedReader, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``offset`` of ``f``: ``preadv`` (no file position, so threads may share ``f``), or where
+    the system has none (Windows) seek and read under a lock."""
     done = 0
     while done < len(view):
-        n = os.preadv(f.fileno(), [view[done:]], offset + done)
-        if n <= 0:
+        if _PREADV is not None:
+            n = _PREADV(f.fileno(), [view[done:]], offset + done)
+        else:
+            with _SEEK_LOCK:
+                f.seek(offset + done)
+                n = f.readinto(view[done:])
+        if not n:
             raise CheckpointError(f"{f.name}: ended while reading a tensor; the file is truncated")
         done += n
 

@@ -171,6 +171,17 @@ def test_streaming_needs_no_numpy_and_restores_torch_threads(checkpoint: Path, m
     assert out.read_bytes() == reference.read_bytes()
 
 
+def test_reads_without_preadv_give_the_same_file(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the system has no preadv (Windows), tensors are read by seek and read under a lock."""
+    reference = checkpoint.with_name("reference.safetensors")
+    convert_file(checkpoint, reference)
+    monkeypatch.setattr(stream, "_PREADV", None)
+    out = checkpoint.with_name("seek.safetensors")
+    convert_file(checkpoint, out)
+    assert out.read_bytes() == reference.read_bytes()
+    bake_file(out, checkpoint.with_name("seek.baked.safetensors"))
+
+
 @pytest.mark.parametrize("copy", ["kernel", "fallback", "none"])
 def test_untouched_tensors_are_copied_byte_for_byte(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch, copy: str
