@@ -105,11 +105,11 @@ def conv_layout(target_bytes: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_checkpoint(path: Path, target_bytes: int, seed: int = 0) -> dict[str, Any]:
-    """Write a safetensors conv checkpoint tensor by tensor (its own minimal writer, independent of the package)."""
-    import numpy as np
+def float32_header(shapes: dict[str, tuple[int, ...]]) -> tuple[bytes, int]:
+    """Length prefix and JSON header of a float32 safetensors file holding ``shapes`` in order, and its data size.
 
-    shapes = conv_layout(target_bytes)
+    The benchmarks write their inputs with this minimal writer, independent of the package under test.
+    """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in shapes.items():
@@ -118,9 +118,18 @@ def write_checkpoint(path: Path, target_bytes: int, seed: int = 0) -> dict[str, 
         offset += n
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offset
+
+
+def write_checkpoint(path: Path, target_bytes: int, seed: int = 0) -> dict[str, Any]:
+    """Write a safetensors conv checkpoint tensor by tensor (its own minimal writer, independent of the package)."""
+    import numpy as np
+
+    shapes = conv_layout(target_bytes)
+    head, _ = float32_header(shapes)
     rng = np.random.default_rng(seed)
     with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
+        f.write(head)
         for shape in shapes.values():
             fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
             f.write((rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / math.sqrt(fan_in))).tobytes())

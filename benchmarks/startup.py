@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -30,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .io import GIB, conv_layout
+from .io import GIB, conv_layout, float32_header
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,19 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 def write_sparse_checkpoint(path: Path, size_bytes: int) -> dict[str, Any]:
     """A safetensors file whose header describes at least ``size_bytes`` of conv tensors; the data is a hole."""
     shapes = conv_layout(size_bytes)
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in shapes.items():
-        n = 4 * math.prod(shape)
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
+    head, data_bytes = float32_header(shapes)
     with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-    os.truncate(path, 8 + len(text) + offset)
+        f.write(head)
+    os.truncate(path, len(head) + data_bytes)
     st = path.stat()
-    return {"bytes": st.st_size, "tensors": len(shapes), "header_bytes": len(text), "on_disk": st.st_blocks * 512}
+    return {"bytes": st.st_size, "tensors": len(shapes), "header_bytes": len(head) - 8, "on_disk": st.st_blocks * 512}
 
 
 def _spectral_argv(python: str) -> list[str]:
