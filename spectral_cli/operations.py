@@ -17,17 +17,13 @@ existing entries and ``"format": "pt"``. No printing here: progress is reported 
 from __future__ import annotations
 
 import glob
-import itertools
 import json
 import math
 import os
-import queue
 import shutil
 import tempfile
-from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from io import BufferedReader
 from pathlib import Path
@@ -36,7 +32,6 @@ from typing import Any
 import torch
 
 from . import __version__
-from .bases import to_spatial, to_spectral
 from .checkpoint import (
     KEY_PREFIXES,
     Checkpoint,
@@ -58,16 +53,15 @@ from .formats import (
     output_format,
 )
 from .layout import LayerRecord, Plan, Step, TensorSpec, plan_bake, plan_convert, records_from_json, records_to_json
-from .stream import Entry, Header, SafetensorsInput, open_safetensors, read_header, read_rows, read_tensor, write_stream
+from .slabs import Pieces, Scratch, bake_streamed, convert_streamed
+from .stream import Entry, Header, SafetensorsInput, open_safetensors, read_header, write_stream
 from .surgery import (
     METADATA_KEY,
     LayerChange,
     Skipped,
     SurgeryResult,
     bake_state_dict,
-    bake_tensor,
     convert_state_dict,
-    convert_tensor,
     records_of,
     spec_of,
 )
@@ -236,196 +230,6 @@ def _file_metadata(
 
 
 # ---- safetensors: streamed ------------------------------------------------------------------------------------
-
-
-#: input bytes of one slab of rows in the streamed rfft convert: slabs are transformed side by side on threads
-#: and written as they are done, so memory stays near a few slabs, whatever the size of the tensor
-#: (torch.fft.rfftn gives the same bits on any split of the rows; the tests check it against the in-memory path)
-SLAB_BYTES = 1 << 20
-
-
-class Scratch:
-    """Threads and slab buffers reused from tensor to tensor while streaming a file (fresh memory costs page
-    faults: measured 10x the time of filling memory already touched; threads of their own keep malloc arenas).
-    ``close()`` (or the end of a ``with`` block) stops the threads.
-    """
-
-    def __init__(self) -> None:
-        self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
-        self._pool: ThreadPoolExecutor | None = None
-        self.workers = 1
-
-    def __enter__(self) -> Scratch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-
-    @contextmanager
-    def threads(self) -> Iterator[ThreadPoolExecutor]:
-        """``torch.get_num_threads()`` threads, each running torch single-threaded: the slabs run side by side
-        instead of splitting each small operation (measured: faster, and far less hurt by other processes on
-        the machine). torch's thread count is 1 inside the block and restored after it, also on errors."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            if self._pool is None:
-                self.workers = max(1, threads)
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="spectral")
-            yield self._pool
-        finally:
-            torch.set_num_threads(threads)
-
-    @contextmanager
-    def rows(self, nbytes: int) -> Iterator[torch.Tensor]:
-        """A buffer of ``nbytes`` for one slab, taken back for another slab when the block ends (thread-safe)."""
-        try:
-            buffer = self._free.get_nowait()
-        except queue.Empty:
-            buffer = torch.empty(0, dtype=torch.uint8)
-        if buffer.numel() < nbytes:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-        try:
-            yield buffer[:nbytes]
-        finally:
-            self._free.put(buffer)
-
-
-#: what ``convert_streamed`` and ``bake_streamed`` give: the output tensor in pieces ``(byte offset in the
-#: tensor, piece)``, each valid until the next is asked for, then (as the generator's return value) the change
-Pieces = Generator[tuple[int, torch.Tensor], None, LayerChange]
-
-
-def convert_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch | None = None) -> Pieces:
-    """:func:`~spectral_cli.surgery.convert_tensor` on a tensor of a file: the same bits, in bounded memory.
-
-    ``rfft``: the kernels are read, transformed and checked a slab of rows at a time, the slabs side by side on
-    ``torch.get_num_threads()`` threads (torch's own intra-op threads are set to 1 meanwhile, then restored);
-    each slab's real and imaginary rows are handed out as soon as the slab is done, so that writing overlaps
-    the transform and memory holds a few slabs, never the tensor. ``rdft`` (a matrix product, whose last bits
-    depend on how the rows are split) is transformed whole. The round-trip check is that of
-    ``convert_tensor``, computed slab by slab.
-    """
-    if entry.spec.numel == 0:
-        tensor, change = convert_tensor(step, read_tensor(f, entry))
-        yield 0, tensor
-        return change
-    if scratch is None:
-        with Scratch() as own:
-            return (yield from convert_streamed(step, f, entry, own))
-    ks, basis = step.kernel_size, step.basis
-    rows = entry.spec.numel // math.prod(ks)
-    if basis != "rfft":
-        weight = read_tensor(f, entry).reshape(rows, *ks)
-        spectral = to_spectral(weight, ks, basis)  # whole, on torch's own threads
-
-        def check(i: int, j: int) -> torch.Tensor:
-            return _slab_error(to_spatial(spectral[i:j], ks, basis), weight[i:j])
-
-        errors = _check_slabs(scratch, weight, check)
-        yield 0, spectral.reshape(step.shape_after)
-        return _streamed_change(step, _relative_error(errors))
-    dtype = getattr(torch, entry.spec.dtype)
-    row_bytes = entry.spec.nbytes // rows
-    plane_bytes = math.prod(step.shape_after[1:]) * dtype.itemsize
-    out_row_bytes = plane_bytes // rows
-
-    def slab(bounds: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        i, j = bounds
-        with scratch.rows((j - i) * row_bytes) as buffer:
-            weight = read_rows(f, entry, (rows, *ks), i, j, buffer.view(dtype))
-            spectral = to_spectral(weight, ks, basis)
-            return spectral, _slab_error(to_spatial(spectral, ks, basis), weight)
-
-    per_slab = max(1, SLAB_BYTES // row_bytes)
-    bounds = iter([(i, min(rows, i + per_slab)) for i in range(0, rows, per_slab)])
-    errors = []
-    with scratch.threads() as pool:
-        ahead = 2 * scratch.workers  # slabs in flight: enough to keep every thread busy while one is written
-        pending = deque((b, pool.submit(slab, b)) for b in itertools.islice(bounds, ahead))
-        try:
-            while pending:
-                (i, _), result = pending.popleft()
-                spectral, error = result.result()
-                following = next(bounds, None)
-                if following is not None:
-                    pending.append((following, pool.submit(slab, following)))
-                errors.append(error)
-                yield i * out_row_bytes, spectral[0]  # the real plane's rows i:j
-                yield plane_bytes + i * out_row_bytes, spectral[1]  # the imaginary plane's
-                del spectral
-        finally:
-            for _, result in pending:  # stopped early (a failed write): drop the slabs not started
-                result.cancel()
-            wait([result for _, result in pending])
-    return _streamed_change(step, _relative_error(errors))
-
-
-def bake_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch | None = None) -> Pieces:
-    """:func:`~spectral_cli.surgery.bake_tensor` on a tensor of a file: the same bits (the weight is computed
-    whole: a matrix product's last bits depend on how the rows are split); the float64 rounding check slab by
-    slab, so memory stays near the input and output tensors."""
-    if scratch is None:
-        with Scratch() as own:
-            return (yield from bake_streamed(step, f, entry, own))
-    stored = read_tensor(f, entry)
-    if stored.numel() == 0:
-        tensor, change = bake_tensor(step, stored)
-        yield 0, tensor
-        return change
-    ks, basis = step.kernel_size, step.basis
-    real = torch.stack((stored.real, stored.imag)) if step.complex_source else stored
-    del stored
-    weight = to_spatial(real, ks, basis).to(getattr(torch, step.out_dtype))
-    rows = weight.numel() // math.prod(ks)
-    flat = weight.view(rows, *ks)
-    coefficients = real.view(2, rows, *real.shape[real.dim() - len(ks) :]) if basis == "rfft" else real.view(rows, -1)
-
-    def check(i: int, j: int) -> torch.Tensor:
-        part = coefficients[:, i:j] if basis == "rfft" else coefficients[i:j].view(j - i, *ks)
-        return _slab_error(flat[i:j], to_spatial(part.to(torch.float64), ks, basis))
-
-    errors = _check_slabs(scratch, flat, check)
-    yield 0, weight
-    return _streamed_change(step, _relative_error(errors))
-
-
-def _check_slabs(scratch: Scratch, rows: torch.Tensor, check: Callable[[int, int], torch.Tensor]) -> list[torch.Tensor]:
-    """``check(start, end)`` over slabs of about :data:`SLAB_BYTES` of ``rows`` (first dim), on the threads."""
-    n = rows.shape[0]
-    per_slab = max(1, SLAB_BYTES // max(1, rows[0].numel() * rows.element_size())) if n else 1
-    with scratch.threads() as pool:
-        return list(pool.map(lambda i: check(i, min(n, i + per_slab)), range(0, n, per_slab)))
-
-
-def _slab_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    """``[max |actual - expected|, max |expected|]`` of one slab (NaN if either holds NaN).
-
-    Computed in float32, or float64 for float64 tensors: the difference of two close floats is exact
-    (Sterbenz), so this is the float64 figure of :func:`~spectral_cli.surgery.convert_tensor` at a third of the
-    cost and memory.
-    """
-    dtype = torch.promote_types(torch.promote_types(actual.dtype, expected.dtype), torch.float32)
-    expected = expected.detach().to(dtype)
-    diff = torch.aminmax(actual.detach().to(dtype) - expected)
-    scale = torch.aminmax(expected)
-    return torch.stack((torch.maximum(-diff.min, diff.max), torch.maximum(-scale.min, scale.max))).double()
-
-
-def _relative_error(slabs: Sequence[torch.Tensor]) -> float:
-    """``max diff / max scale`` over the slabs, as :func:`~spectral_cli.surgery.convert_tensor` reports it."""
-    diff, scale = torch.stack(list(slabs)).max(dim=0).values.tolist()
-    return float(diff / scale if scale > 0 else diff)
-
-
-def _streamed_change(step: Step, error: float) -> LayerChange:
-    return LayerChange(step.name, step.source_key, step.target_key, step.basis, step.kernel_size, step.shape_before,
-                       step.shape_after, step.dtype, error, step.inferred)  # fmt: skip
 
 
 def _merged_records(st: SafetensorsInput) -> dict[str, LayerRecord]:

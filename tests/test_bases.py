@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+import spectral_cli.bases as bases
 from spectral_cli import SpectralError
 from spectral_cli.bases import matrices, to_spatial, to_spectral
 
@@ -447,3 +448,73 @@ class TestCuda:
         assert a is matrices("rdft", (3, 3), torch.float32, dev)
         assert a.synthesis.device.type == "cuda"
         assert a is not matrices("rdft", (3, 3), torch.float32, CPU)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked products: the bits of a kernel's coefficients do not depend on how a tensor is split
+# ----------------------------------------------------------------------------------------------------------------
+
+CHUNK_CASES = [((3, 3), 37 * 16), ((5, 5), 200), ((4, 6), 129), ((5,), 1000), ((3, 3, 3), 77), ((2, 2), 3)]
+
+
+@pytest.fixture
+def small_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of a few kernels, so that small tensors span many runs and a tail run of any size."""
+    monkeypatch.setattr(bases, "CHUNK_TAPS", 250)
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+@pytest.mark.usefixtures("small_runs")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("basis", BASES)
+@pytest.mark.parametrize(("ks", "rows"), CHUNK_CASES, ids=lambda c: str(c))
+def test_slabs_of_whole_runs_give_the_bits_of_the_whole(ks: tuple[int, ...], rows: int, basis: str,
+                                                        dtype: torch.dtype) -> None:  # fmt: skip
+    """What streaming relies on: transforming slabs of whole runs (fresh, aligned memory, one thread) gives the
+    bits of the whole tensor (views at any offset, the machine's threads), both directions."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(rows, *ks, generator=g).to(dtype)
+    run = bases.chunk_rows(ks)
+    assert run < rows or rows == 3
+    misaligned = torch.empty(w.numel() + 1, dtype=dtype)[1:].view(w.shape)  # a view 2-4 bytes off alignment
+    misaligned.copy_(w)
+    whole = to_spectral(misaligned, ks, basis)
+    back = to_spatial(whole, ks, basis)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(0, rows, 2 * run):  # slabs of two runs, the last one shorter
+            j = min(rows, i + 2 * run)
+            part = to_spectral(w[i:j].clone(), ks, basis)
+            plane = (slice(None), slice(i, j)) if basis == "rfft" else (slice(i, j),)
+            assert _bits(part) == _bits(whole[plane]), (i, j)
+            assert _bits(to_spatial(part, ks, basis)) == _bits(back[i:j]), (i, j)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("small_runs")
+@pytest.mark.parametrize("basis", BASES)
+def test_differentiable_path_gives_the_same_bits(basis: str) -> None:
+    w = torch.randn(301, 3, 3)
+    expected = to_spectral(w, (3, 3), basis)
+    w.requires_grad_(True)
+    x = to_spectral(w, (3, 3), basis)
+    assert x.requires_grad and _bits(x.detach()) == _bits(expected)
+    y = to_spatial(x, (3, 3), basis)
+    assert y.requires_grad and _bits(y.detach()) == _bits(to_spatial(expected, (3, 3), basis))
+    y.sum().backward()
+    assert w.grad is not None and w.grad.shape == w.shape
+
+
+@pytest.mark.parametrize("ks", [(3, 3), (4, 4), (2, 6), (4,), (2, 2, 2)], ids=ids)
+def test_rfft_dead_imaginary_parts_are_exactly_zero(ks: tuple[int, ...]) -> None:
+    """The imaginary parts of self-conjugate bins come out exactly 0, as from rfftn (no 1e-16 from sin(pi))."""
+    w = torch.randn(5, *ks, dtype=torch.float64)
+    x = to_spectral(w, ks, "rfft")
+    c = torch.fft.rfftn(w, s=ks, dim=tuple(range(-len(ks), 0)), norm="ortho")
+    assert torch.equal(x[1] == 0, c.imag == 0)
+    assert (c.imag == 0).any()

@@ -28,6 +28,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a64 - b64).abs().max() / b64.abs().max()).item()
 
 
+def assert_same_coefficients(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """The seed's numbers to float rounding: the seed takes torch.fft.rfftn, we a matrix product (measured: both
+    within 1.4 eps of the float64 transform, relative to the largest coefficient); the same exact zeros (the
+    imaginary parts of self-conjugate bins)."""
+    assert ours.dtype == theirs.dtype
+    assert torch.equal(ours == 0, theirs == 0)
+    assert rel_err(ours, theirs) <= 3 * torch.finfo(ours.dtype).eps
+
+
 @pytest.mark.parametrize("unsafe", [True, False])
 @pytest.mark.parametrize("ks", SIZES, ids=lambda ks: f"{ks[0]}x{ks[1]}")
 @pytest.mark.parametrize("layer", list(LAYERS))
@@ -45,7 +54,7 @@ def test_same_original_and_weight(layer: str, ks: tuple[int, int], unsafe: bool)
     x_ours = conv_ours.parametrizations.weight.original
     assert x_ours.shape == x_seed.shape
     assert x_ours.dtype == x_seed.dtype == torch.float32
-    assert torch.equal(x_ours, x_seed)  # bit for bit
+    assert_same_coefficients(x_ours, x_seed)
     assert rel_err(conv_ours.weight, conv_seed.weight) <= 1e-6
     assert rel_err(conv_seed.weight, w0) <= 1e-6  # guard: the seed itself round-trips
     # the same forward weight from arbitrary coefficients (dead imaginary coordinates included)
@@ -62,7 +71,7 @@ def test_same_original_float64(ks: tuple[int, int]) -> None:
     conv_ours = copy.deepcopy(conv_seed)
     seed_register(conv_seed)
     register_spectral_parametrization(conv_ours)
-    assert torch.equal(conv_ours.parametrizations.weight.original, conv_seed.parametrizations.weight.original)
+    assert_same_coefficients(conv_ours.parametrizations.weight.original, conv_seed.parametrizations.weight.original)
     assert rel_err(conv_ours.weight, conv_seed.weight) <= 1e-12
 
 

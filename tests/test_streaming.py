@@ -22,8 +22,9 @@ import torch
 from models import listing, one_line, spectral
 from safetensors.torch import load_file, save_file
 
+import spectral_cli.bases as bases
 import spectral_cli.cli as cli
-import spectral_cli.operations as operations
+import spectral_cli.slabs as slabs
 import spectral_cli.stream as stream
 from spectral_cli.layout import METADATA_KEY, records_from_json
 from spectral_cli.operations import bake_file, convert_file
@@ -34,7 +35,9 @@ SUFFIX = "parametrizations.weight.original"
 
 @pytest.fixture(autouse=True)
 def _tiny_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(operations, "SLAB_BYTES", 200)
+    """Slabs of a few runs and runs of a few kernels, so that small tensors are split many times."""
+    monkeypatch.setattr(slabs, "SLAB_BYTES", 200)
+    monkeypatch.setattr(bases, "CHUNK_TAPS", 40)
 
 
 def _state_dict() -> dict[str, torch.Tensor]:
@@ -133,7 +136,7 @@ def test_streamed_convert_and_bake_give_the_bits_of_the_in_memory_path(checkpoin
 def test_slab_size_does_not_change_the_bits(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     outputs = []
     for size in (36, 200, 4096, 1 << 30):
-        monkeypatch.setattr(operations, "SLAB_BYTES", size)
+        monkeypatch.setattr(slabs, "SLAB_BYTES", size)
         out = checkpoint.with_name(f"slab{size}.safetensors")
         convert_file(checkpoint, out)
         outputs.append(out.read_bytes())

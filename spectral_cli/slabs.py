@@ -1,0 +1,212 @@
+"""One tensor of a safetensors file converted or baked a slab of kernels at a time, in bounded memory.
+
+:func:`convert_streamed` and :func:`bake_streamed` give the bits of :func:`~spectral_cli.surgery.convert_tensor`
+and :func:`~spectral_cli.surgery.bake_tensor` on the whole tensor: slabs hold whole runs of
+:func:`~spectral_cli.bases.chunk_rows` kernels, the runs over which the bases take their products. Slabs are
+read, transformed and checked side by side on a few threads and handed out in order as soon as each is done,
+so that writing overlaps the work and memory holds a few slabs, never the tensor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import queue
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from io import BufferedReader
+from typing import TypeVar
+
+import torch
+
+from .bases import chunk_rows, to_spatial, to_spectral
+from .layout import Step
+from .stream import Entry, read_rows, read_tensor
+from .surgery import LayerChange, bake_tensor, convert_tensor
+
+#: input bytes of one slab, rounded to whole runs of ``chunk_rows`` kernels (at least one run)
+SLAB_BYTES = 1 << 20
+
+#: what ``convert_streamed`` and ``bake_streamed`` give: the output tensor in pieces ``(byte offset in the
+#: tensor, piece)``, each valid until the next is asked for, then (as the generator's return value) the change
+Pieces = Generator[tuple[int, torch.Tensor], None, LayerChange]
+
+_T = TypeVar("_T")
+
+
+class Scratch:
+    """Threads and slab buffers reused from tensor to tensor while streaming a file (fresh memory costs page
+    faults: measured 10x the time of filling memory already touched; threads of their own keep malloc arenas).
+    ``close()`` (or the end of a ``with`` block) stops the threads.
+    """
+
+    def __init__(self) -> None:
+        self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        self._pool: ThreadPoolExecutor | None = None
+        self.workers = 1
+
+    def __enter__(self) -> Scratch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    @contextmanager
+    def threads(self) -> Iterator[ThreadPoolExecutor]:
+        """``torch.get_num_threads()`` threads, each running torch single-threaded: the slabs run side by side
+        instead of splitting each small operation (measured: faster, and far less hurt by other processes on
+        the machine). torch's thread count is 1 inside the block and restored after it, also on errors."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if self._pool is None:
+                self.workers = max(1, threads)
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="spectral")
+            yield self._pool
+        finally:
+            torch.set_num_threads(threads)
+
+    @contextmanager
+    def rows(self, nbytes: int) -> Iterator[torch.Tensor]:
+        """A buffer of ``nbytes`` for one slab, taken back for another slab when the block ends (thread-safe)."""
+        try:
+            buffer = self._free.get_nowait()
+        except queue.Empty:
+            buffer = torch.empty(0, dtype=torch.uint8)
+        if buffer.numel() < nbytes:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        try:
+            yield buffer[:nbytes]
+        finally:
+            self._free.put(buffer)
+
+    def in_order(self, bounds: Sequence[tuple[int, int]], work: Callable[[int, int], _T]) -> Iterator[tuple[int, _T]]:
+        """``(start, work(start, end))`` for each slab, in order; a few slabs computed ahead on the threads."""
+        todo = iter(bounds)
+        with self.threads() as pool:
+            ahead = 2 * self.workers  # slabs in flight: enough to keep every thread busy while one is written
+            pending = deque((b[0], pool.submit(work, *b)) for b in itertools.islice(todo, ahead))
+            try:
+                while pending:
+                    start, result = pending.popleft()
+                    value = result.result()
+                    following = next(todo, None)
+                    if following is not None:
+                        pending.append((following[0], pool.submit(work, *following)))
+                    yield start, value
+                    del value
+            finally:
+                for _, result in pending:  # stopped early (a failed write): drop the slabs not started
+                    result.cancel()
+                wait([result for _, result in pending])
+
+
+def slab_bounds(rows: int, kernel_size: tuple[int, ...], row_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges of the slabs of a tensor of ``rows`` kernels: whole runs of ``chunk_rows``, about
+    :data:`SLAB_BYTES` of input each."""
+    run = chunk_rows(kernel_size)
+    per_slab = run * max(1, SLAB_BYTES // max(1, run * row_bytes))
+    return [(i, min(rows, i + per_slab)) for i in range(0, rows, per_slab)]
+
+
+def convert_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch | None = None) -> Pieces:
+    """:func:`~spectral_cli.surgery.convert_tensor` on a tensor of a file: the same bits, in bounded memory.
+
+    The round-trip check is that of ``convert_tensor``, computed slab by slab.
+    """
+    if entry.spec.numel == 0:
+        tensor, change = convert_tensor(step, read_tensor(f, entry))
+        yield 0, tensor
+        return change
+    if scratch is None:
+        with Scratch() as own:
+            return (yield from convert_streamed(step, f, entry, own))
+    ks, basis = step.kernel_size, step.basis
+    dtype = getattr(torch, entry.spec.dtype)
+    rows = entry.spec.numel // math.prod(ks)
+    row_bytes = entry.spec.nbytes // rows
+    plane_bytes = math.prod(step.shape_after[1:]) * dtype.itemsize  # rfft: the real plane, then the imaginary
+    out_row_bytes = plane_bytes // rows if basis == "rfft" else row_bytes
+
+    def work(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with scratch.rows((j - i) * row_bytes) as buffer:
+            weight = read_rows(f, entry, (rows, *ks), i, j, buffer.view(dtype))
+            spectral = to_spectral(weight, ks, basis)
+            return spectral, _slab_error(to_spatial(spectral, ks, basis), weight)
+
+    errors = []
+    for i, (spectral, error) in scratch.in_order(slab_bounds(rows, ks, row_bytes), work):
+        errors.append(error)
+        if basis == "rfft":
+            yield i * out_row_bytes, spectral[0]
+            yield plane_bytes + i * out_row_bytes, spectral[1]
+        else:
+            yield i * out_row_bytes, spectral
+    return _streamed_change(step, _relative_error(errors))
+
+
+def bake_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch | None = None) -> Pieces:
+    """:func:`~spectral_cli.surgery.bake_tensor` on a tensor of a file: the same bits, in bounded memory; the
+    float64 rounding check slab by slab. (CompressAI's complex tensors are baked whole.)"""
+    if entry.spec.numel == 0 or step.complex_source:
+        tensor, change = bake_tensor(step, read_tensor(f, entry))
+        yield 0, tensor
+        return change
+    if scratch is None:
+        with Scratch() as own:
+            return (yield from bake_streamed(step, f, entry, own))
+    ks, basis = step.kernel_size, step.basis
+    dtype, out_dtype = getattr(torch, entry.spec.dtype), getattr(torch, step.out_dtype)
+    planes = 2 if basis == "rfft" else 1
+    stored = entry.spec.shape
+    trailing = tuple(stored[len(stored) - len(ks) :])
+    rows = entry.spec.numel // (planes * math.prod(trailing))
+    row_bytes = entry.spec.nbytes // (planes * rows)  # of one plane
+    out_row_bytes = math.prod(ks) * out_dtype.itemsize
+
+    def work(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with scratch.rows(planes * (j - i) * row_bytes) as buffer:
+            x = buffer.view(dtype).view(planes, j - i, *trailing)
+            for p in range(planes):  # plane p holds rows p * rows ... (p + 1) * rows of the stored tensor
+                read_rows(f, entry, (planes * rows, *trailing), p * rows + i, p * rows + j, x[p])
+            x = x if basis == "rfft" else x[0]
+            weight = to_spatial(x, ks, basis).to(out_dtype)
+            return weight, _slab_error(weight, to_spatial(x.to(torch.float64), ks, basis))
+
+    errors = []
+    for i, (weight, error) in scratch.in_order(slab_bounds(rows, ks, planes * row_bytes), work):
+        errors.append(error)
+        yield i * out_row_bytes, weight
+    return _streamed_change(step, _relative_error(errors))
+
+
+def _slab_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """``[max |actual - expected|, max |expected|]`` of one slab (NaN if either holds NaN).
+
+    Computed in float32, or float64 for float64 tensors: the difference of two close floats is exact
+    (Sterbenz), so this is the float64 figure of :func:`~spectral_cli.surgery.convert_tensor` at a third of the
+    cost and memory.
+    """
+    dtype = torch.promote_types(torch.promote_types(actual.dtype, expected.dtype), torch.float32)
+    expected = expected.detach().to(dtype)
+    diff = torch.aminmax(actual.detach().to(dtype) - expected)
+    scale = torch.aminmax(expected)
+    return torch.stack((torch.maximum(-diff.min, diff.max), torch.maximum(-scale.min, scale.max))).double()
+
+
+def _relative_error(slabs: Sequence[torch.Tensor]) -> float:
+    """``max diff / max scale`` over the slabs, as :func:`~spectral_cli.surgery.convert_tensor` reports it."""
+    diff, scale = torch.stack(list(slabs)).max(dim=0).values.tolist()
+    return float(diff / scale if scale > 0 else diff)
+
+
+def _streamed_change(step: Step, error: float) -> LayerChange:
+    return LayerChange(step.name, step.source_key, step.target_key, step.basis, step.kernel_size, step.shape_before,
+                       step.shape_after, step.dtype, error, step.inferred)  # fmt: skip
