@@ -67,8 +67,11 @@ __all__ = [
     "chunk_rows",
     "compute_dtype",
     "matrices",
+    "row_matrices",
+    "spatial_rows",
     "spatial_shape",
     "spectral_kernel_shape",
+    "spectral_rows",
     "spectral_shape",
     "to_spatial",
     "to_spectral",
@@ -175,23 +178,28 @@ def _check_tensor(t: torch.Tensor, trailing: tuple[int, ...], what: str, lead_ra
 
 
 def chunk_rows(kernel_size: Sequence[int]) -> int:
-    """Kernels per run of the chunked products of :func:`to_spectral` and :func:`to_spatial`.
+    """Kernels per run of the chunked products of :func:`to_spectral` and :func:`to_spatial` (a multiple of 16).
 
     Example:
         >>> chunk_rows((3, 3)), chunk_rows((5, 5)), chunk_rows((1024, 1024))
-        (29127, 10485, 1)
+        (29120, 10480, 16)
     """
-    return max(1, CHUNK_TAPS // math.prod(kernel_size))
+    return max(_ROW_MULTIPLE, CHUNK_TAPS // math.prod(kernel_size) // _ROW_MULTIPLE * _ROW_MULTIPLE)
 
 
-def _run(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], i: int, j: int) -> torch.Tensor:
-    """``sum(a[i:j] @ m for a, m in factors)`` into fresh memory, the rows padded with zeros to a multiple of
-    :data:`_ROW_MULTIPLE`."""
+def _run(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]], i: int, j: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum(a[i:j] @ m for a, m in factors)`` into fresh memory (or ``out``: 64-byte aligned, rows padded), the
+    rows padded with zeros to a multiple of :data:`_ROW_MULTIPLE`."""
     pad = -(j - i) % _ROW_MULTIPLE
     parts = [(a[i:j], m) for a, m in factors]
     if pad:
         parts = [(torch.cat((a, a.new_zeros(pad, a.shape[1]))), m) for a, m in parts]
-    total = parts[0][0] @ parts[0][1]
+    if out is not None and len(parts) == 1:
+        total = torch.mm(parts[0][0], parts[0][1], out=out)
+    else:
+        total = parts[0][0] @ parts[0][1]
     for a, m in parts[1:]:
         total = torch.addmm(total, a, m)
     return total[: j - i] if pad else total
@@ -200,15 +208,58 @@ def _run(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], i: int, j: int) -
 def _chunked(
     factors: Sequence[tuple[torch.Tensor, torch.Tensor]], chunk: int, place: Callable[[torch.Tensor, int, int], None]
 ) -> torch.Tensor | None:
-    """``sum(a @ m for a, m in factors)`` over runs of ``chunk`` rows: each run is handed to ``place(run, i, j)``
-    when no factor needs a gradient (None is returned), else the runs are joined and returned."""
+    """``sum(a @ m for a, m in factors)`` over runs of ``chunk`` rows. One run is returned as it is; several are
+    joined and returned when a factor needs a gradient, else handed to ``place(run, i, j)`` (None is returned)."""
     n = factors[0][0].shape[0]
     bounds = [(i, min(n, i + chunk)) for i in range(0, n, chunk)]
+    if len(bounds) == 1:
+        return _run(factors, 0, n)
     if torch.is_grad_enabled() and any(a.requires_grad or m.requires_grad for a, m in factors):
         return torch.cat([_run(factors, i, j) for i, j in bounds])
     for i, j in bounds:
         place(_run(factors, i, j), i, j)
     return None
+
+
+def spectral_rows(
+    rows: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The coefficients of flattened kernels ``rows`` (compute dtype), with the bits :func:`to_spectral` gives
+    them: ``rdft`` one row per kernel; ``rfft`` the real then the imaginary plane's numbers side by side in each
+    row (one product for both planes, rows of ``2 * bins``).
+
+    ``rows`` holds at most :func:`chunk_rows` kernels, or any multiple of 16 (zero rows added at the end of a
+    tensor do not change the others' bits). ``out``, if given, receives the product: contiguous, starting at a
+    64-byte boundary (as torch allocates), with as many rows as ``rows`` padded to a multiple of 16.
+    """
+    ks, basis = check_kernel_size(kernel_size), check_basis(basis)
+    if rows.shape[0] > chunk_rows(ks) and rows.shape[0] % _ROW_MULTIPLE:
+        raise SpectralError(f"spectral_rows takes at most {chunk_rows(ks)} kernels of {ks}, or a multiple of "
+                            f"{_ROW_MULTIPLE}, got {rows.shape[0]}")  # fmt: skip
+    return _run([(rows, row_matrices(basis, ks, rows.dtype, rows.device).analysis)], 0, rows.shape[0], out)
+
+
+def spatial_rows(rows: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS) -> torch.Tensor:
+    """The inverse of :func:`spectral_rows` (rows laid out as it gives them): flattened kernels, one per row."""
+    synthesis = row_matrices(basis, kernel_size, rows.dtype, rows.device).synthesis
+    return _run([(rows, synthesis)], 0, rows.shape[0])
+
+
+def row_matrices(
+    basis: Basis, kernel_size: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> Matrices:
+    """The matrices of :func:`spectral_rows` and :func:`spatial_rows`: those of :func:`matrices`, with rfft's two
+    planes joined (analysis ``(taps, 2 * bins)``, synthesis ``(2 * bins, taps)``)."""
+    return _row_matrices(check_basis(basis), check_kernel_size(kernel_size), dtype, torch.device(device))
+
+
+@functools.cache
+def _row_matrices(basis: Basis, kernel_size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Matrices:
+    m = _matrices(basis, kernel_size, dtype, device)
+    if basis == "rdft":
+        return m
+    return Matrices(synthesis=torch.cat(tuple(m.synthesis), dim=0).contiguous(),
+                    analysis=torch.cat(tuple(m.analysis), dim=1).contiguous())  # fmt: skip
 
 
 def to_spatial(x: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS) -> torch.Tensor:
@@ -279,20 +330,13 @@ def to_spectral(w: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFA
 
         rows = _chunked([(flat, analysis)], chunk_rows(ks), place)
         return (out if rows is None else rows).reshape(shape).to(w.dtype)
-    joined = _joined_analysis(ks, cdtype, w.device)  # both planes in one product: (taps, 2 * bins)
-    half = joined.shape[1] // 2
+    half = math.prod(spectral_kernel_shape(ks, basis))
     out = flat.new_empty(2, flat.shape[0], half)
 
     def place_planes(run: torch.Tensor, i: int, j: int) -> None:
         out[:, i:j] = run.view(j - i, 2, half).transpose(0, 1)
 
-    rows = _chunked([(flat, joined)], chunk_rows(ks), place_planes)
+    rows = _chunked([(flat, row_matrices(basis, ks, cdtype, w.device).analysis)], chunk_rows(ks), place_planes)
     if rows is not None:
-        out = rows.view(-1, 2, half).transpose(0, 1)
+        out = rows.view(-1, 2, half).transpose(0, 1).contiguous()
     return out.reshape(shape).to(w.dtype)
-
-
-@functools.cache
-def _joined_analysis(kernel_size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    analysis = _matrices("rfft", kernel_size, dtype, device).analysis
-    return torch.cat((analysis[0], analysis[1]), dim=1).contiguous()

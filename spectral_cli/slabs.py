@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import torch
 
-from .bases import chunk_rows, to_spatial, to_spectral
+from .bases import Basis, chunk_rows, compute_dtype, row_matrices, spectral_rows, to_spatial
 from .layout import Step
 from .stream import Entry, read_rows, read_tensor
 from .surgery import LayerChange, bake_tensor, convert_tensor
@@ -43,7 +43,7 @@ class Scratch:
     """
 
     def __init__(self) -> None:
-        self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        self._free: dict[str, queue.SimpleQueue[torch.Tensor]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.workers = 1
 
@@ -73,19 +73,30 @@ class Scratch:
         finally:
             torch.set_num_threads(threads)
 
-    @contextmanager
-    def rows(self, nbytes: int) -> Iterator[torch.Tensor]:
-        """A buffer of ``nbytes`` for one slab, taken back for another slab when the block ends (thread-safe)."""
+    def take(self, role: str, nbytes: int) -> torch.Tensor:
+        """A buffer of ``nbytes`` (uint8, starting at a 64-byte boundary) for one slab; thread-safe. Buffers are
+        kept per role, so that a slab's input, output and temporaries each reuse memory of their own size."""
+        free = self._free.setdefault(role, queue.SimpleQueue())
         try:
-            buffer = self._free.get_nowait()
+            buffer = free.get_nowait()
         except queue.Empty:
             buffer = torch.empty(0, dtype=torch.uint8)
         if buffer.numel() < nbytes:
             buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer
+
+    def give(self, role: str, buffer: torch.Tensor) -> None:
+        """Take back a buffer of :meth:`take` (the whole buffer, not a view of part of it)."""
+        self._free[role].put(buffer)
+
+    @contextmanager
+    def rows(self, nbytes: int, role: str = "rows") -> Iterator[torch.Tensor]:
+        """``nbytes`` of a buffer of :meth:`take`, given back when the block ends."""
+        buffer = self.take(role, nbytes)
         try:
             yield buffer[:nbytes]
         finally:
-            self._free.put(buffer)
+            self.give(role, buffer)
 
     def in_order(self, bounds: Sequence[tuple[int, int]], work: Callable[[int, int], _T]) -> Iterator[tuple[int, _T]]:
         """``(start, work(start, end))`` for each slab, in order; a few slabs computed ahead on the threads."""
@@ -135,20 +146,38 @@ def convert_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scrat
     plane_bytes = math.prod(step.shape_after[1:]) * dtype.itemsize  # rfft: the real plane, then the imaginary
     out_row_bytes = plane_bytes // rows if basis == "rfft" else row_bytes
 
-    def work(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with scratch.rows((j - i) * row_bytes) as buffer:
-            weight = read_rows(f, entry, (rows, *ks), i, j, buffer.view(dtype))
-            spectral = to_spectral(weight, ks, basis)
-            return spectral, _slab_error(to_spatial(spectral, ks, basis), weight)
+    cdtype = compute_dtype(dtype)
+    taps = math.prod(ks)
+    width = math.prod(step.shape_after[step.shape_after.__len__() - len(ks) :]) * (2 if basis == "rfft" else 1)
+
+    def work(i: int, j: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        m, padded = j - i, -(j - i) % 16 + (j - i)  # a tensor's last rows padded to 16, as to_spectral does
+        with scratch.rows(padded * taps * dtype.itemsize, "in") as raw:
+            weight = raw.view(dtype).view(padded, taps)
+            read_rows(f, entry, (rows, taps), i, j, weight[:m])
+            weight[m:] = 0
+            with scratch.rows(padded * width * cdtype.itemsize, "coefficients") as product:
+                coefficients = spectral_rows(weight.to(cdtype), ks, basis, out=product.view(cdtype).view(padded, -1))
+                lease = scratch.take("out", m * width * dtype.itemsize)  # given back once written
+                stored = lease[: m * width * dtype.itemsize].view(dtype)
+                if basis == "rfft":  # planes: all the real parts, then all the imaginary parts
+                    planes = stored.view(2, m, width // 2)
+                    planes.copy_(coefficients[:m].view(m, 2, width // 2).transpose(0, 1))
+                    rounded = planes.transpose(0, 1).reshape(m, width) if dtype != cdtype else coefficients[:m]
+                    pieces = [planes[0], planes[1]]
+                else:
+                    pieces = [stored.view(m, width)]
+                    pieces[0].copy_(coefficients[:m])
+                    rounded = pieces[0]
+                error = _round_trip_error(scratch, rounded, weight[:m], ks, basis)
+        return pieces, error, lease
 
     errors = []
-    for i, (spectral, error) in scratch.in_order(slab_bounds(rows, ks, row_bytes), work):
+    for i, (pieces, error, lease) in scratch.in_order(slab_bounds(rows, ks, row_bytes), work):
         errors.append(error)
-        if basis == "rfft":
-            yield i * out_row_bytes, spectral[0]
-            yield plane_bytes + i * out_row_bytes, spectral[1]
-        else:
-            yield i * out_row_bytes, spectral
+        for p, piece in enumerate(pieces):  # rfft: the real plane's rows i:j, then the imaginary plane's
+            yield p * plane_bytes + i * out_row_bytes, piece
+        scratch.give("out", lease)
     return _streamed_change(step, _relative_error(errors))
 
 
@@ -185,6 +214,36 @@ def bake_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch 
         errors.append(error)
         yield i * out_row_bytes, weight
     return _streamed_change(step, _relative_error(errors))
+
+
+def _by_runs(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, ks: tuple[int, ...]) -> torch.Tensor:
+    run = chunk_rows(ks)
+    if rows.shape[0] <= run:
+        return fn(rows)
+    return torch.cat([fn(rows[k : k + run]) for k in range(0, rows.shape[0], run)])
+
+
+def _round_trip_error(
+    scratch: Scratch, coefficients: torch.Tensor, weight: torch.Tensor, ks: tuple[int, ...], basis: Basis
+) -> torch.Tensor:
+    """:func:`_slab_error` of the kernels synthesized from ``coefficients`` (rows as ``spectral_rows`` gives
+    them, the stored numbers) against ``weight`` (one flattened kernel per row), without new memory for
+    float32 and float64."""
+    dtype, cdtype = weight.dtype, compute_dtype(weight.dtype)
+    synthesis = row_matrices(basis, ks, cdtype).synthesis
+    c = coefficients.to(cdtype)
+    m, taps = weight.shape
+    with scratch.rows(m * taps * cdtype.itemsize, "back") as raw:
+        back = raw.view(cdtype)
+        if taps < 16:  # narrow products are slow row by row (measured: 2x for 3x3); transposed they are wide
+            back, expected = torch.mm(synthesis.T, c.T, out=back.view(taps, m)), weight.T
+        else:
+            back, expected = torch.mm(c, synthesis, out=back.view(m, taps)), weight
+        if dtype != cdtype:  # compare what to_spatial would give: rounded to the stored dtype
+            back = back.to(dtype).to(cdtype)
+        diff = torch.aminmax(back.sub_(expected) if dtype == cdtype else back - expected.to(cdtype))
+    scale = torch.aminmax(weight)
+    return torch.stack((torch.maximum(-diff.min, diff.max), torch.maximum(-scale.min, scale.max).to(cdtype))).double()
 
 
 def _slab_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,9 @@ _CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
 _COPY_FILE_RANGE = getattr(os, "copy_file_range", None)
 _PREADV = getattr(os, "preadv", None)
 _SEEK_LOCK = threading.Lock()
+_DATASYNC = getattr(os, "fdatasync", os.fsync)
+#: bytes written between two background fdatasyncs of the file being written
+WRITEBACK_BYTES = 64 << 20
 #: errors of copy_file_range that mean "not here" (old kernel, other file systems, seccomp): copy by hand
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
 
@@ -203,7 +206,7 @@ def write_stream(
     is asked for); or ``(file, start, end)`` to copy bytes unchanged (in the kernel where it can:
     ``copy_file_range``). Tensors are written from their own memory, without copies.
     """
-    with atomic_file(target, verify) as out:
+    with atomic_file(target, verify) as out, _EarlyWriteback(out) as writeback:
         header = header_bytes(specs, metadata)
         out.write(header)
         position = len(header)
@@ -213,17 +216,80 @@ def write_stream(
             if isinstance(source, tuple):
                 handle, start, end = source
                 written = _copy_range(handle, start, end, out)
+                writeback.wrote(written)
             elif isinstance(source, Iterator):
-                written = _write_pieces(out, position, name, spec, source)
+                written = _write_pieces(out, position, name, spec, source, writeback.wrote)
             else:
                 written = _write_tensor(out, name, spec, source)
+                writeback.wrote(written)
             position += written
             if progress is not None:
                 progress(written)
 
 
+class _EarlyWriteback:
+    """Has the kernel write a file's data to disk while more is being written: ``fdatasync`` on a thread of its
+    own every :data:`WRITEBACK_BYTES`, so that the fsync before the rename finds little left to do (measured:
+    that fsync alone took 0.45 s per GiB here, a third of the time of a convert). An error of a background
+    fdatasync is raised by ``wrote`` or at the end of the block: it would not be reported twice by the kernel."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> _EarlyWriteback:
+        return self
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        self._join()
+        if kind is None:
+            self._raise()
+
+    def wrote(self, nbytes: int) -> None:
+        self._pending += nbytes
+        self._raise()
+        if self._pending < WRITEBACK_BYTES or (self._thread is not None and self._thread.is_alive()):
+            return
+        self._join()
+        self._pending = 0
+        self._out.flush()
+        self._thread = threading.Thread(target=self._sync, name="spectral-writeback", daemon=True)
+        self._thread.start()
+
+    def _sync(self) -> None:
+        try:
+            if os.environ.get("WB") == "sfr":
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.sync_file_range(self._out.fileno(), ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(2))
+            elif os.environ.get("WB") == "none":
+                pass
+            else:
+                _DATASYNC(self._out.fileno())
+        except BaseException as e:  # kept for the writing thread to raise
+            self._error = e
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 def _write_pieces(
-    out: IO[bytes], position: int, name: str, spec: TensorSpec, pieces: Iterator[tuple[int, torch.Tensor]]
+    out: IO[bytes],
+    position: int,
+    name: str,
+    spec: TensorSpec,
+    pieces: Iterator[tuple[int, torch.Tensor]],
+    wrote: Callable[[int], None] | None = None,
 ) -> int:
     """Write each ``(offset, piece)`` at ``position + offset``; the pieces must cover the tensor exactly once."""
     covered: list[tuple[int, int]] = []
@@ -235,6 +301,8 @@ def _write_pieces(
             out.seek(position + offset)
             _write_tensor(out, name, TensorSpec(tuple(piece.shape), spec.dtype), piece)
             covered.append((offset, offset + size))
+            if wrote is not None:
+                wrote(size)
     finally:
         close = getattr(pieces, "close", None)
         if close is not None:

@@ -483,12 +483,14 @@ def test_slabs_of_whole_runs_give_the_bits_of_the_whole(ks: tuple[int, ...], row
     misaligned.copy_(w)
     whole = to_spectral(misaligned, ks, basis)
     back = to_spatial(whole, ks, basis)
+    assert whole.is_contiguous() and back.is_contiguous()  # parameters are made from these (FSDP needs it)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for i in range(0, rows, 2 * run):  # slabs of two runs, the last one shorter
             j = min(rows, i + 2 * run)
             part = to_spectral(w[i:j].clone(), ks, basis)
+            assert part.is_contiguous()
             plane = (slice(None), slice(i, j)) if basis == "rfft" else (slice(i, j),)
             assert _bits(part) == _bits(whole[plane]), (i, j)
             assert _bits(to_spatial(part, ks, basis)) == _bits(back[i:j]), (i, j)

@@ -323,6 +323,12 @@ def _io_error_in_copy_range(monkeypatch: pytest.MonkeyPatch, work: Path) -> None
     monkeypatch.setattr(stream, "_copy_range", _after_calls(2, stream._copy_range))
 
 
+def _io_error_in_background_writeback(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
+    """The early fdatasync (on its own thread) fails: reported once by the kernel, so it must be raised by us."""
+    monkeypatch.setattr(stream, "WRITEBACK_BYTES", 1)
+    monkeypatch.setattr(stream, "_DATASYNC", _after_calls(1, os.fsync))
+
+
 def _read_only_directory(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
     """``work/ro`` is made read-only; where that does not bind (root), creating files in it is refused instead."""
     readonly = work / "ro"
@@ -552,6 +558,13 @@ KINDS: dict[str, Kind] = {
         {"convert": 1},
         args={"convert": ["-o", "{out}/out.safetensors"]},
         fault=_io_error_in_copy_range,
+        says="Input/output error",
+    ),
+    "io-error-in-background-writeback": Kind(
+        _sample("balle.safetensors"),
+        {"convert": 1},
+        args={"convert": ["-o", "{out}/out.safetensors"]},
+        fault=_io_error_in_background_writeback,
         says="Input/output error",
     ),
     "io-error-writing-shards": Kind(

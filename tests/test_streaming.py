@@ -35,9 +35,11 @@ SUFFIX = "parametrizations.weight.original"
 
 @pytest.fixture(autouse=True)
 def _tiny_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Slabs of a few runs and runs of a few kernels, so that small tensors are split many times."""
+    """Slabs of a few runs and runs of a few kernels, so that small tensors are split many times; early
+    writeback every kilobyte."""
     monkeypatch.setattr(slabs, "SLAB_BYTES", 200)
     monkeypatch.setattr(bases, "CHUNK_TAPS", 40)
+    monkeypatch.setattr(stream, "WRITEBACK_BYTES", 1000)  # the background fdatasync runs while writing
 
 
 def _state_dict() -> dict[str, torch.Tensor]:
@@ -509,3 +511,16 @@ def _no_stray_threads() -> Iterator[None]:
     import threading
 
     assert not [t for t in threading.enumerate() if t.name.startswith("spectral")]
+
+
+def test_synced_while_writing_and_the_same_file(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = checkpoint.with_name("reference.safetensors")
+    monkeypatch.setattr(stream, "WRITEBACK_BYTES", 1 << 40)
+    convert_file(checkpoint, reference)
+    calls: list[int] = []
+    monkeypatch.setattr(stream, "WRITEBACK_BYTES", 1000)
+    monkeypatch.setattr(stream, "_DATASYNC", lambda fd: calls.append(fd) or os.fsync(fd))
+    early = checkpoint.with_name("early.safetensors")
+    convert_file(checkpoint, early)
+    assert len(calls) >= 2
+    assert early.read_bytes() == reference.read_bytes()
