@@ -25,10 +25,11 @@ needs, reads its resident memory, times only the operation, and reports its own 
 ``import torch``
     ``python -c "import torch"`` alone: the floor under every other peak.
 
-Reported per command: median operation time, median whole-process wall time (start-up and imports included),
-peak RSS, RSS after the imports, and the peak above that. Ratios are medians of the per-repeat ratios to the
-baseline of the same repeat. Page cache: the input is read once before the first repeat, so every command
-reads it from memory; every output is deleted after its run.
+Before each command the page cache's dirty pages are written out (``os.sync``), so that no command pays for the
+writing of another. Reported per command: median operation time, median whole-process wall time (start-up and
+imports included), peak RSS, RSS after the imports, and the peak above that. Ratios are medians of the
+per-repeat ratios to the baseline of the same repeat. Page cache: the input is read once before the first
+repeat, so every command reads it from memory; every output is deleted after its run.
 
 ``--sharded`` adds a sharded directory of twice ``--size-gib`` converted shard by shard in a process whose
 address space is capped (``RLIMIT_AS``) below the directory's size: it can only succeed by streaming.
@@ -235,6 +236,7 @@ def _run_child(python: str, command: str, src: Path, dst: Path, cap: int | None 
         if cap is not None:
             argv += ["--cap", str(cap)]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        os.sync()  # no dirty pages of the previous command are written back while this one is timed
         start = time.perf_counter()
         proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - start

@@ -213,10 +213,10 @@ def notes(doc: dict[str, Any]) -> list[str]:
         "peaks at the same height).",
         "- The default basis (rfft) stores 12/9 of the numbers of a 3x3 kernel and 30/25 of a 5x5: its output is "
         "larger than its input; rdft keeps the size.",
-        "- convert's time is the transform, not the I/O (which overlaps it): `torch.fft.rfftn` of every kernel "
-        "(kept so that the stored numbers equal those of pytorch-parametrizations 1.0.0 bit for bit) and the "
-        "round-trip check of every kernel, on the machine's cores. rdft and bake are matrix products computed "
-        "whole (their last bits would depend on how the rows were split), so they hold their tensors whole.",
+        "- Where convert's time goes: reading and writing (the output is larger), one matrix product per slab of "
+        "kernels and the round-trip check of every kernel (a second product and a comparison), on threads that "
+        "overlap the writing; an fdatasync every 64 MiB on its own thread, so that the fsync before the rename "
+        "(which the baseline does not do) finds little left. bake also checks every kernel against float64.",
         f"- `import torch` alone: {floors}. The 0.5x RSS target is out of reach of the CUDA build at this size.",
         "- The machine is shared: the same command varies between runs (page-cache writes alone from 0.4 to 4 s "
         "per GiB); compare ratios within one run, not absolute times across runs.",
