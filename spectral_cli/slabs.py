@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import torch
 
-from .bases import Basis, chunk_rows, compute_dtype, row_matrices, spectral_rows, to_spatial
+from .bases import Basis, chunk_rows, compute_dtype, row_matrices, row_width, spectral_rows, to_spatial
 from .layout import Step
 from .stream import Entry, read_rows, read_tensor
 from .surgery import LayerChange, bake_tensor, convert_tensor
@@ -148,7 +148,7 @@ def convert_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scrat
 
     cdtype = compute_dtype(dtype)
     taps = math.prod(ks)
-    width = math.prod(step.shape_after[step.shape_after.__len__() - len(ks) :]) * (2 if basis == "rfft" else 1)
+    width, product_width = row_width(ks, basis), row_matrices(basis, ks, cdtype).analysis.shape[1]
 
     def work(i: int, j: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         m, padded = j - i, -(j - i) % 16 + (j - i)  # a tensor's last rows padded to 16, as to_spectral does
@@ -156,8 +156,9 @@ def convert_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scrat
             weight = raw.view(dtype).view(padded, taps)
             read_rows(f, entry, (rows, taps), i, j, weight[:m])
             weight[m:] = 0
-            with scratch.rows(padded * width * cdtype.itemsize, "coefficients") as product:
-                coefficients = spectral_rows(weight.to(cdtype), ks, basis, out=product.view(cdtype).view(padded, -1))
+            with scratch.rows(padded * product_width * cdtype.itemsize, "coefficients") as product:
+                out = product.view(cdtype).view(padded, product_width)
+                coefficients = spectral_rows(weight.to(cdtype), ks, basis, out=out)
                 lease = scratch.take("out", m * width * dtype.itemsize)  # given back once written
                 stored = lease[: m * width * dtype.itemsize].view(dtype)
                 if basis == "rfft":  # planes: all the real parts, then all the imaginary parts
