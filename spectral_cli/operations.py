@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -430,29 +431,20 @@ def convert_file(
     progress: Progress | None = None,
 ) -> FileReport:
     """Convert a checkpoint's conv kernels to spectral tensors and write the result next to it."""
-    source = Path(source)
-    out = None if output is None else Path(output)
-    if _streams(source, out, max_shard_size):
 
-        def planner(specs: dict[str, TensorSpec], records: dict[str, LayerRecord], prefix: str) -> Plan:
-            return plan_convert(specs, records, basis=basis, include=_prefixed(include, prefix),  # type: ignore[arg-type]
-                                exclude=_prefixed(exclude, prefix))  # fmt: skip
+    def planner(specs: dict[str, TensorSpec], records: dict[str, LayerRecord], prefix: str) -> Plan:
+        return plan_convert(specs, records, basis=basis, include=_prefixed(include, prefix),  # type: ignore[arg-type]
+                            exclude=_prefixed(exclude, prefix))  # fmt: skip
 
-        report = _transform_safetensors(source, out, "spectral", planner, convert_streamed, dry_run=dry_run,
-                                        force=force, max_shard_size=max_shard_size, progress=progress)  # fmt: skip
-    else:
-        _no_sharding(max_shard_size, source)
+    def surgery(sd: Mapping[str, Any], prefix: str, ck: Checkpoint) -> SurgeryResult:
+        excl = list(_prefixed(exclude, prefix) or [])
+        if ck.conv_modules is not None:  # a walked module: only its real conv layers
+            kernels = {k.removesuffix(".weight") for k in sd if k.endswith(".weight")}
+            excl += [glob.escape(n) for n in sorted(kernels - ck.conv_modules)]
+        return convert_state_dict(sd, basis=basis, include=_prefixed(include, prefix), exclude=excl or None)  # type: ignore[arg-type]
 
-        def surgery(sd: Mapping[str, Any], prefix: str, ck: Checkpoint) -> SurgeryResult:
-            excl = list(_prefixed(exclude, prefix) or [])
-            if ck.conv_modules is not None:  # a walked module: only its real conv layers
-                kernels = {k.removesuffix(".weight") for k in sd if k.endswith(".weight")}
-                excl += [glob.escape(n) for n in sorted(kernels - ck.conv_modules)]
-            return convert_state_dict(sd, basis=basis, include=_prefixed(include, prefix), exclude=excl or None)  # type: ignore[arg-type]
-
-        report = _transform_torch(source, out, "spectral", surgery, dry_run=dry_run, force=force,
-                                  trust_pickle=trust_pickle)  # fmt: skip
-    _warn_nonfinite(report)
+    report = _run(Path(source), output, "spectral", planner, convert_streamed, surgery, dry_run=dry_run, force=force,
+                  trust_pickle=trust_pickle, max_shard_size=max_shard_size, progress=progress)  # fmt: skip
     if not report.changed:
         already = [s for _, s in report.skipped if s.reason == "already spectral"]
         if already:
@@ -460,7 +452,7 @@ def convert_file(
             return report
         raise NothingToDoError(
             f"{source}: no convertible conv kernels (float weights of rank 3 to 5 with more "
-            "than one tap); nothing to convert"
+            f"than one tap){_skip_summary(report)}; nothing to convert"
         )
     return report
 
@@ -477,27 +469,52 @@ def bake_file(
     progress: Progress | None = None,
 ) -> FileReport:
     """Bake every spectral tensor of a checkpoint back to a spatial weight in its original dtype."""
-    source = Path(source)
+
+    def planner(specs: dict[str, TensorSpec], records: dict[str, LayerRecord], prefix: str) -> Plan:
+        return plan_bake(specs, records, kernel_size=kernel_size)
+
+    def surgery(sd: Mapping[str, Any], prefix: str, ck: Checkpoint) -> SurgeryResult:
+        return bake_state_dict(sd, kernel_size=kernel_size)
+
+    report = _run(Path(source), output, "baked", planner, bake_streamed, surgery, dry_run=dry_run, force=force,
+                  trust_pickle=trust_pickle, max_shard_size=max_shard_size, progress=progress)  # fmt: skip
+    if not report.changed:
+        raise NothingToDoError(f"{source}: no spectral tensors{_skip_summary(report)}; nothing to bake")
+    return report
+
+
+def _run(
+    source: Path,
+    output: Path | str | None,
+    tag: str,
+    planner: Callable[[dict[str, TensorSpec], dict[str, LayerRecord], str], Plan],
+    execute: Callable[[Step, BufferedReader, Entry, Scratch], Pieces],
+    surgery: Callable[[Mapping[str, Any], str, Checkpoint], SurgeryResult],
+    *,
+    dry_run: bool,
+    force: bool,
+    trust_pickle: bool,
+    max_shard_size: int | None,
+    progress: Progress | None,
+) -> FileReport:
+    """Stream safetensors (``planner``, ``execute``), or load a torch file whole (``surgery``)."""
     out = None if output is None else Path(output)
     if _streams(source, out, max_shard_size):
-
-        def planner(specs: dict[str, TensorSpec], records: dict[str, LayerRecord], prefix: str) -> Plan:
-            return plan_bake(specs, records, kernel_size=kernel_size)
-
-        report = _transform_safetensors(source, out, "baked", planner, bake_streamed, dry_run=dry_run, force=force,
+        report = _transform_safetensors(source, out, tag, planner, execute, dry_run=dry_run, force=force,
                                         max_shard_size=max_shard_size, progress=progress)  # fmt: skip
     else:
         _no_sharding(max_shard_size, source)
-
-        def surgery(sd: Mapping[str, Any], prefix: str, ck: Checkpoint) -> SurgeryResult:
-            return bake_state_dict(sd, kernel_size=kernel_size)
-
-        report = _transform_torch(source, out, "baked", surgery, dry_run=dry_run, force=force,
-                                  trust_pickle=trust_pickle)  # fmt: skip
+        report = _transform_torch(source, out, tag, surgery, dry_run=dry_run, force=force, trust_pickle=trust_pickle)
     _warn_nonfinite(report)
-    if not report.changed:
-        raise NothingToDoError(f"{source}: no spectral tensors; nothing to bake")
     return report
+
+
+def _skip_summary(report: FileReport) -> str:
+    """``"; skipped: 1x1 kernel (3), excluded (1)"``: why the tensors that looked like kernels were left."""
+    reasons = Counter(s.reason for _, s in report.skipped)
+    if not reasons:
+        return ""
+    return "; skipped: " + ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common())
 
 
 def _streams(source: Path, output: Path | None, max_shard_size: int | None) -> bool:

@@ -179,7 +179,7 @@ def convert_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scrat
         for p, piece in enumerate(pieces):  # rfft: the real plane's rows i:j, then the imaginary plane's
             yield p * plane_bytes + i * out_row_bytes, piece
         scratch.give("out", lease)
-    return _streamed_change(step, _relative_error(errors))
+    return LayerChange.of(step, _relative_error(errors))
 
 
 def bake_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch | None = None) -> Pieces:
@@ -214,7 +214,7 @@ def bake_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch 
     for i, (weight, error) in scratch.in_order(slab_bounds(rows, ks, planes * row_bytes), work):
         errors.append(error)
         yield i * out_row_bytes, weight
-    return _streamed_change(step, _relative_error(errors))
+    return LayerChange.of(step, _relative_error(errors))
 
 
 def _by_runs(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, ks: tuple[int, ...]) -> torch.Tensor:
@@ -265,8 +265,3 @@ def _relative_error(slabs: Sequence[torch.Tensor]) -> float:
     """``max diff / max scale`` over the slabs, as :func:`~spectral_cli.surgery.convert_tensor` reports it."""
     diff, scale = torch.stack(list(slabs)).max(dim=0).values.tolist()
     return float(diff / scale if scale > 0 else diff)
-
-
-def _streamed_change(step: Step, error: float) -> LayerChange:
-    return LayerChange(step.name, step.source_key, step.target_key, step.basis, step.kernel_size, step.shape_before,
-                       step.shape_after, step.dtype, error, step.inferred)  # fmt: skip

@@ -93,6 +93,12 @@ class LayerChange:
     max_error: float
     inferred: bool = False
 
+    @classmethod
+    def of(cls, step: Step, max_error: float) -> LayerChange:
+        """The change that executing ``step`` made, with its measured error."""
+        return cls(step.name, step.source_key, step.target_key, step.basis, step.kernel_size, step.shape_before,
+                   step.shape_after, step.dtype, max_error, step.inferred)  # fmt: skip
+
     @property
     def params_before(self) -> int:
         return math.prod(self.shape_before)
@@ -164,25 +170,20 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def convert_tensor(step: Step, weight: torch.Tensor) -> tuple[torch.Tensor, LayerChange]:
     """Execute one convert step: the spectral tensor, and the change with its round-trip error."""
     if weight.numel() == 0:  # a conv with no channels: nothing to transform (and torch.fft refuses empty input)
-        return weight.new_zeros(step.shape_after), _change(step, 0.0)
+        return weight.new_zeros(step.shape_after), LayerChange.of(step, 0.0)
     spectral = to_spectral(weight.detach(), step.kernel_size, step.basis)
     error = _relative_error(to_spatial(spectral, step.kernel_size, step.basis), weight)
-    return spectral, _change(step, error)
+    return spectral, LayerChange.of(step, error)
 
 
 def bake_tensor(step: Step, stored: torch.Tensor) -> tuple[torch.Tensor, LayerChange]:
     """Execute one bake step: the spatial weight in its original dtype, and the change with its rounding error."""
     real = torch.stack((stored.real, stored.imag)) if step.complex_source else stored.detach()
     if real.numel() == 0:
-        return real.new_zeros(step.shape_after, dtype=getattr(torch, step.out_dtype)), _change(step, 0.0)
+        return real.new_zeros(step.shape_after, dtype=getattr(torch, step.out_dtype)), LayerChange.of(step, 0.0)
     exact = to_spatial(real.to(torch.float64), step.kernel_size, step.basis)
     weight = to_spatial(real, step.kernel_size, step.basis).to(getattr(torch, step.out_dtype))
-    return weight, _change(step, _relative_error(weight, exact))
-
-
-def _change(step: Step, error: float) -> LayerChange:
-    return LayerChange(step.name, step.source_key, step.target_key, step.basis, step.kernel_size, step.shape_before,
-                       step.shape_after, step.dtype, error, step.inferred)  # fmt: skip
+    return weight, LayerChange.of(step, _relative_error(weight, exact))
 
 
 def _execute(state_dict: StateDict, plan: Plan, kind: str) -> SurgeryResult:

@@ -298,6 +298,11 @@ def test_nothing_to_convert(tmp_path: Path) -> None:
     torch.save(mlp.state_dict(), path)
     line = assert_refused(tmp_path, path, ["convert", path], 6)
     assert "nothing to convert" in line
+    assert "skipped: 1x1 kernel (1)" in line  # why the one conv was left
+    excluded = tmp_path / "excluded.pt"
+    torch.save({"a.weight": torch.randn(4, 4, 1, 1), "b.weight": torch.randn(4, 4, 3, 3)}, excluded)
+    line = assert_refused(tmp_path, excluded, ["convert", excluded, "--exclude", "b"], 6)
+    assert "skipped: " in line and "1x1 kernel (1)" in line and "excluded (1)" in line
 
 
 @pytest.mark.parametrize("sample", ["balle.pt", "balle.safetensors", "lightning.ckpt", "conv1d.pt"])
