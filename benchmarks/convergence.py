@@ -66,6 +66,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._model import Autoencoder
+
 VARIANTS: tuple[str, ...] = ("spatial", "rfft", "rdft", "peer")
 DIAGNOSTIC_VARIANTS: tuple[str, ...] = ("rfft_unit", "rdft_sqrt2")
 ALL_VARIANTS: tuple[str, ...] = VARIANTS + DIAGNOSTIC_VARIANTS
@@ -157,39 +159,6 @@ class CropSampler:
 
 
 # ---------------------------------------------------------------------------------------------------- model
-
-
-def _gdn(channels: int, inverse: bool) -> nn.Module:
-    from compressai.layers import GDN
-
-    return GDN(channels, inverse=inverse)
-
-
-class Autoencoder(nn.Module):
-    """Balle-style analysis/synthesis transforms: ``stages`` x (conv stride 2 + GDN), mirrored with IGDN.
-
-    No quantization or entropy model: the benchmark measures optimisation of the transforms alone.
-    """
-
-    def __init__(self, channels: int, kernel: int, stages: int) -> None:
-        super().__init__()
-        pad = kernel // 2
-        enc: list[nn.Module] = []
-        dec: list[nn.Module] = []
-        for i in range(stages):
-            enc.append(nn.Conv2d(3 if i == 0 else channels, channels, kernel, stride=2, padding=pad))
-            if i < stages - 1:
-                enc.append(_gdn(channels, inverse=False))
-        for i in range(stages):
-            last = i == stages - 1
-            dec.append(nn.ConvTranspose2d(channels, 3 if last else channels, kernel, 2, padding=pad, output_padding=1))
-            if not last:
-                dec.append(_gdn(channels, inverse=True))
-        self.encoder = nn.Sequential(*enc)
-        self.decoder = nn.Sequential(*dec)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
 
 
 class _ScaledSpectral(nn.Module):

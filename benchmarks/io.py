@@ -54,6 +54,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ._common import publish
+
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
 GIB = 1 << 30
@@ -444,10 +446,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         Path(out).write_text(json.dumps(child(command, src, dst, args.cap)))
         return None
     result = run(args.size_gib, args.repeats, args.python, args.sharded)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    print(render(result))
-    return result
+    return publish(result, args.json, render)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ of the whole process, as a user waits for it. Whether the command imported torch
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -28,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._common import publish
 from .io import GIB, conv_layout, float32_header
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,10 +150,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args.runs, args.size_gib, args.python)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    print(render(result))
-    return result
+    return publish(result, args.json, render)
 
 
 if __name__ == "__main__":

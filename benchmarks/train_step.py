@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,6 +38,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ._common import publish
+from ._model import Autoencoder
 
 VARIANTS: tuple[str, ...] = ("spatial", "rfft", "rdft", "peer")
 MODES: tuple[str, ...] = ("eager", "compile")
@@ -64,35 +65,6 @@ PRESETS: dict[str, Config] = {
     # the figures of docs/spectral-math.md: 128 channels, 5x5 kernels, batch 32 of 256x256
     "gpu": Config(channels=128, kernel=5, stages=4, batch=32, crop=256, threads=None),
 }
-
-
-class Autoencoder(nn.Module):
-    """Analysis: ``stages`` x (conv stride 2 + GDN), the last without GDN; synthesis: the mirror with IGDN."""
-
-    def __init__(self, channels: int, kernel: int, stages: int) -> None:
-        super().__init__()
-        with warnings.catch_warnings():  # CompressAI scripts a function with torch.jit on import
-            warnings.simplefilter("ignore")
-            from compressai.layers import GDN
-
-        pad = kernel // 2
-        enc: list[nn.Module] = []
-        dec: list[nn.Module] = []
-        for i in range(stages):
-            enc.append(nn.Conv2d(3 if i == 0 else channels, channels, kernel, stride=2, padding=pad))
-            if i < stages - 1:
-                enc.append(GDN(channels))
-        for i in range(stages):
-            last = i == stages - 1
-            dec.append(nn.ConvTranspose2d(channels, 3 if last else channels, kernel, 2, padding=pad, output_padding=1))
-            if not last:
-                dec.append(GDN(channels, inverse=True))
-        self.encoder = nn.Sequential(*enc)
-        self.decoder = nn.Sequential(*dec)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.decoder(self.encoder(x))
-        return out
 
 
 def _register(variant: str, model: nn.Module) -> None:
@@ -259,10 +231,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "spatial" not in args.variants:
         args.variants = ["spatial", *args.variants]
     result = run(config_from(args), args.device, args.repeats, args.steps, args.warmup, args.variants, args.modes)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    print(render(result))
-    return result
+    return publish(result, args.json, render)
 
 
 if __name__ == "__main__":

@@ -255,8 +255,13 @@ class _EarlyWriteback:
         self._join()
         self._pending = 0
         self._out.flush()
-        self._thread = threading.Thread(target=self._sync, name="spectral-writeback", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._sync, name="spectral-writeback", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had (e.g. address space capped): the final fsync does it all
+            self._pending = -(1 << 62)
+            return
+        self._thread = thread
 
     def _sync(self) -> None:
         try:

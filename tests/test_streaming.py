@@ -524,3 +524,22 @@ def test_synced_while_writing_and_the_same_file(checkpoint: Path, monkeypatch: p
     convert_file(checkpoint, early)
     assert len(calls) >= 2
     assert early.read_bytes() == reference.read_bytes()
+
+
+def test_without_a_thread_for_early_writeback_the_file_is_still_written(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a tight address-space cap a new thread may not start: writing goes on, the final fsync does it all."""
+    reference = checkpoint.with_name("reference.safetensors")
+    convert_file(checkpoint, reference)
+    started = stream.threading.Thread.start
+
+    def refuse(thread: Any) -> None:
+        if thread.name == "spectral-writeback":
+            raise RuntimeError("can't start new thread")
+        started(thread)
+
+    monkeypatch.setattr(stream.threading.Thread, "start", refuse)
+    capped = checkpoint.with_name("capped.safetensors")
+    assert spectral("convert", capped.with_name(checkpoint.name), "-o", capped).exit_code == 0
+    assert capped.read_bytes() == reference.read_bytes()
