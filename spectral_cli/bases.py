@@ -59,6 +59,7 @@ from .layout import (
 __all__ = [
     "BASES",
     "DEFAULT_BASIS",
+    "ROW_MULTIPLE",
     "Basis",
     "Matrices",
     "apply_synthesis",
@@ -87,7 +88,7 @@ CHUNK_TAPS = 1 << 18
 #: MKL (tests/test_bases.py checks it): a row's last bits then depend on the row alone, not on how many rows
 #: share the product, on the threads or on where the input lies; they do depend on where the output lies and,
 #: for row counts that are not a multiple of 4, on the count.
-_ROW_MULTIPLE = 16
+ROW_MULTIPLE = 16
 
 
 class Matrices(NamedTuple):
@@ -185,15 +186,15 @@ def chunk_rows(kernel_size: Sequence[int]) -> int:
         >>> chunk_rows((3, 3)), chunk_rows((5, 5)), chunk_rows((1024, 1024))
         (29120, 10480, 16)
     """
-    return max(_ROW_MULTIPLE, CHUNK_TAPS // math.prod(kernel_size) // _ROW_MULTIPLE * _ROW_MULTIPLE)
+    return max(ROW_MULTIPLE, CHUNK_TAPS // math.prod(kernel_size) // ROW_MULTIPLE * ROW_MULTIPLE)
 
 
 def _run(
     factors: Sequence[tuple[torch.Tensor, torch.Tensor]], i: int, j: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``sum(a[i:j] @ m for a, m in factors)`` into fresh memory (or ``out``: 64-byte aligned, rows padded), the
-    rows padded with zeros to a multiple of :data:`_ROW_MULTIPLE`."""
-    pad = -(j - i) % _ROW_MULTIPLE
+    rows padded with zeros to a multiple of :data:`ROW_MULTIPLE`."""
+    pad = -(j - i) % ROW_MULTIPLE
     parts = [(a[i:j], m) for a, m in factors]
     if pad:
         parts = [(torch.cat((a, a.new_zeros(pad, a.shape[1]))), m) for a, m in parts]
@@ -235,9 +236,9 @@ def spectral_rows(
     columns of :func:`row_matrices`'s analysis. The result is a view of its first :func:`row_width` columns.
     """
     ks, basis = check_kernel_size(kernel_size), check_basis(basis)
-    if rows.shape[0] > chunk_rows(ks) and rows.shape[0] % _ROW_MULTIPLE:
+    if rows.shape[0] > chunk_rows(ks) and rows.shape[0] % ROW_MULTIPLE:
         raise SpectralError(f"spectral_rows takes at most {chunk_rows(ks)} kernels of {ks}, or a multiple of "
-                            f"{_ROW_MULTIPLE}, got {rows.shape[0]}")  # fmt: skip
+                            f"{ROW_MULTIPLE}, got {rows.shape[0]}")  # fmt: skip
     product = _run([(rows, row_matrices(basis, ks, rows.dtype, rows.device).analysis)], 0, rows.shape[0], out)
     return product[:, : row_width(ks, basis)]
 

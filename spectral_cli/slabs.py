@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import torch
 
-from .bases import Basis, chunk_rows, compute_dtype, row_matrices, row_width, spectral_rows, to_spatial
+from .bases import ROW_MULTIPLE, Basis, chunk_rows, compute_dtype, row_matrices, row_width, spectral_rows, to_spatial
 from .layout import Step
 from .stream import Entry, read_rows, read_tensor
 from .surgery import LayerChange, bake_tensor, convert_tensor
@@ -151,7 +151,7 @@ def convert_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scrat
     width, product_width = row_width(ks, basis), row_matrices(basis, ks, cdtype).analysis.shape[1]
 
     def work(i: int, j: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        m, padded = j - i, -(j - i) % 16 + (j - i)  # a tensor's last rows padded to 16, as to_spectral does
+        m, padded = j - i, -(j - i) % ROW_MULTIPLE + (j - i)  # a tensor's last rows padded, as to_spectral does
         with scratch.rows(padded * taps * dtype.itemsize, "in") as raw:
             weight = raw.view(dtype).view(padded, taps)
             read_rows(f, entry, (rows, taps), i, j, weight[:m])
@@ -215,13 +215,6 @@ def bake_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch 
         errors.append(error)
         yield i * out_row_bytes, weight
     return LayerChange.of(step, _relative_error(errors))
-
-
-def _by_runs(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, ks: tuple[int, ...]) -> torch.Tensor:
-    run = chunk_rows(ks)
-    if rows.shape[0] <= run:
-        return fn(rows)
-    return torch.cat([fn(rows[k : k + run]) for k in range(0, rows.shape[0], run)])
 
 
 def _round_trip_error(
