@@ -25,11 +25,12 @@ needs, reads its resident memory, times only the operation, and reports its own 
 ``import torch``
     ``python -c "import torch"`` alone: the floor under every other peak.
 
-Before each command the page cache's dirty pages are written out (``os.sync``), so that no command pays for the
-writing of another. Reported per command: median operation time, median whole-process wall time (start-up and
-imports included), peak RSS, RSS after the imports, and the peak above that. Ratios are medians of the
-per-repeat ratios to the baseline of the same repeat. Page cache: the input is read once before the first
-repeat, so every command reads it from memory; every output is deleted after its run.
+Before each command the machine is brought to the same state (``_settle``: dirty pages written out, 2 GiB of
+memory touched and freed), so that no command pays for what another left behind. Reported per command:
+median operation time, median whole-process wall time (start-up and imports included), peak RSS, RSS after
+the imports, and the peak above that. Ratios are medians of the per-repeat ratios to the baseline of the same
+repeat. Page cache: the input is read once before the first repeat, so every command reads it from memory;
+every output is deleted after its run.
 
 ``--sharded`` adds a sharded directory of twice ``--size-gib`` converted shard by shard in a process whose
 address space is capped (``RLIMIT_AS``) below the directory's size: it can only succeed by streaming.
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import mmap
 import os
 import resource
 import shutil
@@ -238,7 +240,7 @@ def _run_child(python: str, command: str, src: Path, dst: Path, cap: int | None 
         if cap is not None:
             argv += ["--cap", str(cap)]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        os.sync()  # no dirty pages of the previous command are written back while this one is timed
+        _settle()
         start = time.perf_counter()
         proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - start
@@ -249,6 +251,30 @@ def _run_child(python: str, command: str, src: Path, dst: Path, cap: int | None 
         raise RuntimeError(f"{command} exited {data['exit_code']}: {proc.stderr.strip()[-2000:]}")
     data["wall"] = wall
     return data
+
+
+#: memory touched and freed before each command (see ``_settle``), and the wait after it
+SETTLE_BYTES = 2 * GIB
+SETTLE_SECONDS = 3.0
+
+
+def _settle() -> None:
+    """The same starting state for every command, whatever ran before it.
+
+    Dirty pages are written out (``os.sync``), so that no command pays for the writing of another. Then
+    ``SETTLE_BYTES`` of memory are touched, freed, and left for ``SETTLE_SECONDS``: this machine is a VM that
+    reports freed memory to its host (``page_reporting``), after which touching it again costs host faults
+    (measured: a convert right after the 1.6 GB baseline process took 3.7 s, right after another convert
+    1.4 s). Every command now starts after such a free, instead of some after a large one and some after a
+    small one.
+    """
+    os.sync()
+    block = mmap.mmap(-1, SETTLE_BYTES)
+    chunk = b"\1" * (64 * MIB)
+    for _ in range(SETTLE_BYTES // len(chunk)):
+        block.write(chunk)
+    block.close()
+    time.sleep(SETTLE_SECONDS)
 
 
 def import_torch_rss(python: str) -> dict[str, Any]:
