@@ -218,8 +218,11 @@ def notes(doc: dict[str, Any]) -> list[str]:
         "overlap the writing; an fdatasync every 64 MiB on its own thread, so that the fsync before the rename "
         "(which the baseline does not do) finds little left. bake also checks every kernel against float64.",
         f"- `import torch` alone: {floors}. The 0.5x RSS target is out of reach of the CUDA build at this size.",
-        "- The machine is shared: the same command varies between runs (page-cache writes alone from 0.4 to 4 s "
-        "per GiB); compare ratios within one run, not absolute times across runs.",
+        "- The machine is a shared VM that hands freed memory back to its host: touching memory again costs host "
+        "faults (2 GiB took 2.9 s). Every I/O command therefore starts from the same state (2 GiB touched and "
+        "freed just before); without that, a convert took 3.7 s right after the baseline's process and 1.4 s "
+        "right after another convert. The same command still varies between runs: compare ratios within one "
+        "run, not absolute times across runs.",
         "",
     ]
 
