@@ -127,18 +127,13 @@ def slab_bounds(rows: int, kernel_size: tuple[int, ...], row_bytes: int) -> list
     return [(i, min(rows, i + per_slab)) for i in range(0, rows, per_slab)]
 
 
-def convert_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch | None = None) -> Pieces:
+def convert_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch) -> Pieces:
     """:func:`~spectral_cli.surgery.convert_tensor` on a tensor of a file: the same bits, in bounded memory.
 
     The round-trip check is that of ``convert_tensor``, computed slab by slab.
     """
     if entry.spec.numel == 0:
-        tensor, change = convert_tensor(step, read_tensor(f, entry))
-        yield 0, tensor
-        return change
-    if scratch is None:
-        with Scratch() as own:
-            return (yield from convert_streamed(step, f, entry, own))
+        return (yield from _whole(convert_tensor, step, f, entry))
     ks, basis = step.kernel_size, step.basis
     dtype = getattr(torch, entry.spec.dtype)
     rows = entry.spec.numel // math.prod(ks)
@@ -182,16 +177,11 @@ def convert_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scrat
     return LayerChange.of(step, _relative_error(errors))
 
 
-def bake_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch | None = None) -> Pieces:
+def bake_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch) -> Pieces:
     """:func:`~spectral_cli.surgery.bake_tensor` on a tensor of a file: the same bits, in bounded memory; the
     float64 rounding check slab by slab. (CompressAI's complex tensors are baked whole.)"""
     if entry.spec.numel == 0 or step.complex_source:
-        tensor, change = bake_tensor(step, read_tensor(f, entry))
-        yield 0, tensor
-        return change
-    if scratch is None:
-        with Scratch() as own:
-            return (yield from bake_streamed(step, f, entry, own))
+        return (yield from _whole(bake_tensor, step, f, entry))
     ks, basis = step.kernel_size, step.basis
     dtype, out_dtype = getattr(torch, entry.spec.dtype), getattr(torch, step.out_dtype)
     planes = 2 if basis == "rfft" else 1
@@ -215,6 +205,18 @@ def bake_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch 
         errors.append(error)
         yield i * out_row_bytes, weight
     return LayerChange.of(step, _relative_error(errors))
+
+
+def _whole(
+    transform: Callable[[Step, torch.Tensor], tuple[torch.Tensor, LayerChange]],
+    step: Step,
+    f: BufferedReader,
+    entry: Entry,
+) -> Pieces:
+    """The tensor read and transformed whole, in one piece."""
+    tensor, change = transform(step, read_tensor(f, entry))
+    yield 0, tensor
+    return change
 
 
 def _round_trip_error(
