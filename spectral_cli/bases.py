@@ -70,7 +70,6 @@ __all__ = [
     "matrices",
     "row_matrices",
     "row_width",
-    "spatial_rows",
     "spatial_shape",
     "spectral_kernel_shape",
     "spectral_rows",
@@ -243,18 +242,12 @@ def spectral_rows(
     return product[:, : row_width(ks, basis)]
 
 
-def spatial_rows(rows: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS) -> torch.Tensor:
-    """The inverse of :func:`spectral_rows` (rows laid out as it gives them): flattened kernels, one per row."""
-    synthesis = row_matrices(basis, kernel_size, rows.dtype, rows.device).synthesis
-    return _run([(rows, synthesis)], 0, rows.shape[0])
-
-
 def row_matrices(
     basis: Basis, kernel_size: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> Matrices:
-    """The matrices of :func:`spectral_rows` and :func:`spatial_rows`: those of :func:`matrices`, with rfft's two
-    planes joined (analysis ``(taps, 2 * bins)``, synthesis ``(2 * bins, taps)``), the analysis padded with zero
-    columns (its first :func:`row_width` columns are the coefficients)."""
+    """The matrices for rows as :func:`spectral_rows` gives them: those of :func:`matrices`, with rfft's two planes
+    joined (analysis ``(taps, 2 * bins)``, synthesis ``(2 * bins, taps)``), the analysis padded with zero columns
+    (its first :func:`row_width` columns are the coefficients)."""
     return _row_matrices(check_basis(basis), check_kernel_size(kernel_size), dtype, torch.device(device))
 
 
@@ -294,13 +287,15 @@ def to_spatial(x: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFAU
     else:
         factors = [(x.to(synthesis.dtype).reshape(-1, n_in), synthesis)]
         lead = x.shape[: x.dim() - len(ks)]
-    out = synthesis.new_empty(factors[0][0].shape[0], math.prod(ks))
+    out: list[torch.Tensor] = []  # made when a second run comes (one run is used as it is)
 
     def place(run: torch.Tensor, i: int, j: int) -> None:
-        out[i:j] = run
+        if not out:
+            out.append(run.new_empty(factors[0][0].shape[0], run.shape[1]))
+        out[0][i:j] = run
 
     rows = _chunked(factors, chunk_rows(ks), place)
-    return (out if rows is None else rows).reshape(*lead, *ks).to(x.dtype)
+    return (out[0] if rows is None else rows).reshape(*lead, *ks).to(x.dtype)
 
 
 def _check_spectral(x: torch.Tensor, ks: tuple[int, ...], basis: Basis) -> None:
@@ -342,21 +337,16 @@ def to_spectral(w: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFA
     shape = spectral_shape(w.shape, ks, basis)
     analysis = row_matrices(basis, ks, cdtype, w.device).analysis
     width = row_width(ks, basis)
-    if basis == "rdft":
-        out = flat.new_empty(flat.shape)
+    # rfft: planes, all the real parts then all the imaginary parts; a run's rows hold both side by side
+    planes = (1, width) if basis == "rdft" else (2, width // 2)
+    out: list[torch.Tensor] = []  # made when a second run comes (one run is used as it is)
 
-        def place(run: torch.Tensor, i: int, j: int) -> None:
-            out[i:j] = run[:, :width]
+    def place(run: torch.Tensor, i: int, j: int) -> None:
+        if not out:
+            out.append(flat.new_empty(planes[0], flat.shape[0], planes[1]))
+        out[0][:, i:j] = run[:, :width].view(j - i, *planes).transpose(0, 1)
 
-        rows = _chunked([(flat, analysis)], chunk_rows(ks), place)
-        return (out if rows is None else rows[:, :width].contiguous()).reshape(shape).to(w.dtype)
-    half = width // 2
-    out = flat.new_empty(2, flat.shape[0], half)
-
-    def place_planes(run: torch.Tensor, i: int, j: int) -> None:
-        out[:, i:j] = run[:, :width].view(j - i, 2, half).transpose(0, 1)
-
-    rows = _chunked([(flat, analysis)], chunk_rows(ks), place_planes)
+    rows = _chunked([(flat, analysis)], chunk_rows(ks), place)
     if rows is not None:
-        out = rows[:, :width].reshape(-1, 2, half).transpose(0, 1).contiguous()
-    return out.reshape(shape).to(w.dtype)
+        out = [rows[:, :width].reshape(-1, *planes).transpose(0, 1).contiguous()]
+    return out[0].reshape(shape).to(w.dtype)
