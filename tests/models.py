@@ -63,6 +63,16 @@ def _import_make_samples() -> ModuleType:
 make_samples = _import_make_samples()
 
 
+class Evil:
+    """Unpickling this runs ``open(marker, "w")``: the marker file appears if the loader runs code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
 def spectral(*args: Any, env: Mapping[str, str | None] | None = None) -> Result:
     """Run the ``spectral`` app in-process; unexpected exceptions propagate (they are bugs)."""
     return CliRunner().invoke(app, [str(a) for a in args], env={**ENV, **(env or {})}, catch_exceptions=False)

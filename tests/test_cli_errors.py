@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import copy_samples, listing, make_samples, one_line, parse_json, read, sha256, spectral, temp_files
+from models import Evil, copy_samples, listing, make_samples, one_line, parse_json, read, sha256, spectral, temp_files
 from torch import nn
 
 import spectral_cli.checkpoint as checkpoint
@@ -174,16 +174,6 @@ def test_pickled_module_with_trust_converts_to_a_state_dict(tmp_path: Path) -> N
         assert torch.allclose(baked[key], value, rtol=1e-5, atol=1e-6), key
 
 
-class _Evil:
-    """Unpickling this calls ``open(marker, "w")``: a file appears if the loader runs code."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (str(self.marker), "w"))
-
-
 class _EvilPrint:
     """Unpickling this calls ``print``: any call of a builtin from a pickle is code execution."""
 
@@ -194,20 +184,20 @@ class _EvilPrint:
 def _malicious_torch(directory: Path, marker: Path) -> Path:
     path = directory / "evil.pt"
     state = make_samples.build("conv1d").state_dict()
-    torch.save({"state_dict": state, "payload": _Evil(marker)}, path)
+    torch.save({"state_dict": state, "payload": Evil(marker)}, path)
     return path
 
 
 def _malicious_legacy(directory: Path, marker: Path) -> Path:
     """A bare pickle stream (no zip): read by torch's legacy loader."""
     path = directory / "evil.pth"
-    path.write_bytes(pickle.dumps(_Evil(marker), protocol=2))
+    path.write_bytes(pickle.dumps(Evil(marker), protocol=2))
     return path
 
 
 def _malicious_in_state_dict(directory: Path, marker: Path) -> Path:
     path = directory / "evil.bin"
-    torch.save({"conv.weight": torch.zeros(2, 2, 3, 3), "conv.bias": _Evil(marker)}, path)
+    torch.save({"conv.weight": torch.zeros(2, 2, 3, 3), "conv.bias": Evil(marker)}, path)
     return path
 
 

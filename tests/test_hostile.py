@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import ENV, copy_samples, make_samples, one_line, parse_json, read, rel_err, spectral
+from models import ENV, Evil, copy_samples, make_samples, one_line, parse_json, read, rel_err, spectral
 from torch import nn
 from typer.testing import Result
 
@@ -143,16 +143,6 @@ def _zip_not_torch(work: Path) -> Path:
     return _write(work / "archive.pt", buffer.getvalue())
 
 
-class _Evil:
-    """Unpickling this runs ``open(marker, "w")``: the marker file appears if the loader runs code."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (str(self.marker), "w"))
-
-
 class _EvilEval:
     """Unpickling this calls ``eval`` on a source that creates the marker."""
 
@@ -165,7 +155,7 @@ class _EvilEval:
 
 def _malicious_zip(work: Path) -> Path:
     path = work / "evil.pt"
-    torch.save({"state_dict": _conv_state(), "payload": _Evil(work.parent / MARKER)}, path)
+    torch.save({"state_dict": _conv_state(), "payload": Evil(work.parent / MARKER)}, path)
     return path
 
 
