@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -305,6 +305,34 @@ def _check_spectral(x: torch.Tensor, ks: tuple[int, ...], basis: Basis) -> None:
         raise SpectralError(f"an rfft tensor stacks real and imaginary parts in dim 0 (size 2), got {tuple(x.shape)}")
 
 
+class _RfftSynthesis(torch.autograd.Function):
+    """``planes[0] @ synthesis[0] + planes[1] @ synthesis[1]`` with a backward of one batched product.
+
+    Autograd's own backward of the two products fills two zero tensors of the whole ``(2, R, n)`` shape, copies
+    each plane's gradient into one and adds them: five kernels more per conv and step than this, which on an
+    H100 cost about 1% of a training step (benchmarks/train_step.py).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(planes: torch.Tensor, synthesis: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.addmm(planes[0] @ synthesis[0], planes[1], synthesis[1])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+        planes, synthesis = inputs
+        ctx.save_for_backward(synthesis, planes if ctx.needs_input_grad[1] else None)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
+        synthesis, planes = ctx.saved_tensors
+        # (R, taps) @ (2, taps, n): the gradient broadcast over both planes without a copy
+        grad_planes = torch.matmul(grad, synthesis.mT) if ctx.needs_input_grad[0] else None
+        grad_synthesis = torch.matmul(planes.mT, grad) if ctx.needs_input_grad[1] else None
+        return grad_planes, grad_synthesis
+
+
 def apply_synthesis(x: torch.Tensor, synthesis: torch.Tensor, ks: tuple[int, ...], basis: Basis) -> torch.Tensor:
     """``to_spatial`` with the synthesis matrix given (in ``compute_dtype(x.dtype)`` on ``x.device``), as one
     product over all kernels: the forward of a registered conv (its last bits may differ from ``to_spatial``'s
@@ -313,8 +341,7 @@ def apply_synthesis(x: torch.Tensor, synthesis: torch.Tensor, ks: tuple[int, ...
     cdtype = synthesis.dtype
     n_in = math.prod(spectral_kernel_shape(ks, basis))
     if basis == "rfft":
-        planes = x.to(cdtype).reshape(2, -1, n_in)
-        rows = torch.addmm(planes[0] @ synthesis[0], planes[1], synthesis[1])
+        rows: torch.Tensor = _RfftSynthesis.apply(x.to(cdtype).reshape(2, -1, n_in), synthesis)
         lead = x.shape[1 : x.dim() - len(ks)]
     else:
         rows = x.to(cdtype).reshape(-1, n_in) @ synthesis
