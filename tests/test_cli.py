@@ -415,15 +415,25 @@ def test_convert_in_steps_with_two_bases(samples: Path) -> None:
     assert_same_tensors(read(back), read(samples / "balle.pt"))
 
 
-def _same_object(a: Any, b: Any) -> bool:
-    """Deep equality of checkpoint objects: tensors equal in dtype, shape and value; containers in order."""
+def _same_object(a: Any, b: Any, rtol: float = 0.0) -> bool:
+    """Deep equality of checkpoint objects: tensors equal in dtype, shape and value (to ``rtol``); containers
+    in order."""
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and bool(torch.equal(a, b))
+        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape):
+            return False
+        return bool(torch.equal(a, b) if rtol == 0 else torch.allclose(a, b, rtol=rtol, atol=0.0))
     if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(_same_object(a[k], b[k]) for k in a)
+        return isinstance(b, dict) and list(a) == list(b) and all(_same_object(a[k], b[k], rtol) for k in a)
     if isinstance(a, list | tuple):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same_object, a, b))
+        return (
+            type(a) is type(b) and len(a) == len(b) and all(_same_object(x, y, rtol) for x, y in zip(a, b, strict=True))
+        )
     return bool(a == b)
+
+
+#: samples whose numbers come out of a training step: a conv backward's last bits depend on the CPU (measured on
+#: an H100 machine's CPU: Adam's second moments of gradients near 1e-9 differed by up to 0.14%)
+TRAINED = {"lightning.ckpt": 1e-2}
 
 
 def test_make_samples_regenerates_the_samples(tmp_path: Path) -> None:
@@ -435,7 +445,7 @@ def test_make_samples_regenerates_the_samples(tmp_path: Path) -> None:
         kept = SAMPLES_DIR / path.name
         if path.suffix == ".safetensors":
             assert path.read_bytes() == kept.read_bytes(), path.name
-        assert _same_object(read(path), read(kept)), path.name
+        assert _same_object(read(path), read(kept), TRAINED.get(path.name, 0.0)), path.name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
