@@ -317,7 +317,8 @@ class _RfftSynthesis(torch.autograd.Function):
 
     @staticmethod
     def forward(planes: torch.Tensor, synthesis: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch.addmm(planes[0] @ synthesis[0], planes[1], synthesis[1])
+        # in place: out-of-place addmm copies its first argument into a new tensor first (a memcpy per conv)
+        return (planes[0] @ synthesis[0]).addmm_(planes[1], synthesis[1])
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:

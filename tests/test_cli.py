@@ -416,12 +416,14 @@ def test_convert_in_steps_with_two_bases(samples: Path) -> None:
 
 
 def _same_object(a: Any, b: Any, rtol: float = 0.0) -> bool:
-    """Deep equality of checkpoint objects: tensors equal in dtype, shape and value (to ``rtol``); containers
-    in order."""
+    """Deep equality of checkpoint objects: tensors equal in dtype, shape and value (to ``rtol`` of the largest
+    magnitude in the tensor); containers in order."""
     if isinstance(a, torch.Tensor):
         if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape):
             return False
-        return bool(torch.equal(a, b) if rtol == 0 else torch.allclose(a, b, rtol=rtol, atol=0.0))
+        if rtol == 0 or not a.is_floating_point() or a.numel() == 0:
+            return bool(torch.equal(a, b))
+        return bool((a.double() - b.double()).abs().max() <= rtol * b.double().abs().max())
     if isinstance(a, dict):
         return isinstance(b, dict) and list(a) == list(b) and all(_same_object(a[k], b[k], rtol) for k in a)
     if isinstance(a, list | tuple):
@@ -431,9 +433,9 @@ def _same_object(a: Any, b: Any, rtol: float = 0.0) -> bool:
     return bool(a == b)
 
 
-#: samples whose numbers come out of a training step: a conv backward's last bits depend on the CPU (measured on
-#: an H100 machine's CPU: Adam's second moments of gradients near 1e-9 differed by up to 0.14%)
-TRAINED = {"lightning.ckpt": 1e-2}
+#: samples whose numbers come out of a training step: a conv backward's last bits depend on the CPU and the conv
+#: algorithm (Adam's moments differed by up to 2.8e-6 of each tensor's largest value with oneDNN off)
+TRAINED = {"lightning.ckpt": 1e-4}
 
 
 def test_make_samples_regenerates_the_samples(tmp_path: Path) -> None:
