@@ -317,8 +317,9 @@ class _RfftSynthesis(torch.autograd.Function):
 
     @staticmethod
     def forward(planes: torch.Tensor, synthesis: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # in place: out-of-place addmm copies its first argument into a new tensor first (a memcpy per conv)
-        return (planes[0] @ synthesis[0]).addmm_(planes[1], synthesis[1])
+        # Out of place, though addmm copies its first argument (a memcpy per conv): with addmm_ here, torch 2.11's
+        # torch.compile trained on zero gradients for ``original`` (tests/test_training.py, CPU and CUDA).
+        return torch.addmm(planes[0] @ synthesis[0], planes[1], synthesis[1])
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
