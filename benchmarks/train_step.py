@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime as _dt
 import statistics
 import sys
 import time
@@ -156,6 +157,8 @@ def run(
     convs = sum(1 for m in base.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
     params = sum(p.numel() for p in base.parameters())
     return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
         "preset": next((name for name, preset in PRESETS.items() if preset == cfg), "custom"),
         "config": asdict(cfg),
         "device": str(dev),
@@ -183,7 +186,7 @@ def render(result: dict[str, Any]) -> str:
     modes = [m for m in MODES if m in next(iter(result["rows"].values()))]
     lines = [
         f"Preset `{result.get('preset', 'custom')}`. Device: {result['device']} ({result['device_name']}), "
-        f"{result['torch_threads']} torch thread(s). Model: "
+        f"{result['torch_threads']} torch thread(s){', torch ' + result['torch'] if 'torch' in result else ''}. Model: "
         f"{cfg['stages']} x (conv {cfg['kernel']}x{cfg['kernel']} stride 2 + GDN) and the mirror with IGDN, "
         f"{cfg['channels']} channels, {result['model']['convs']} convs, {result['model']['params']:,} parameters; "
         f"Adam, MSE; batch {cfg['batch']} of {cfg['crop']}x{cfg['crop']}. Median of {result['repeats']} "
