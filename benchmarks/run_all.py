@@ -221,7 +221,16 @@ def notes(doc: dict[str, Any]) -> list[str]:
         "kernels and the round-trip check of every kernel (a second product and a comparison), on threads that "
         "overlap the writing; an fdatasync every 64 MiB on its own thread, so that the fsync before the rename "
         "(which the baseline does not do) finds little left. bake also checks every kernel against float64.",
-        f"- `import torch` alone: {floors}. The 0.5x RSS target is out of reach of the CUDA build at this size.",
+        f"- `import torch` alone: {floors}. The 0.5x RSS target is out of reach of the CUDA build at this size: "
+        "what convert adds above the imports is code pages of the libraries it runs (about 16 MiB, also for a "
+        "146 KB file), typer's pydantic (3 MiB), and slab buffers and per-thread MKL buffers.",
+        "- Against the plain read+write, convert (rfft) writes 1.33x the bytes and fsyncs them; the baseline reads "
+        "nothing (`load_file` maps the file) and leaves its output in the page cache. On this VM, writing the "
+        "same bytes to a file varied 0.2-2.5 s per GiB from run to run, and six converts in a row from the same "
+        "settled state took 1.3 to 4.4 s: compare the ratios of one run, and expect them to move between runs.",
+        "- GPU training step: what rfft adds over spatial is three small products per conv and step (two "
+        "forward, one batched backward; about 5 us each on an H100, torch.profiler) and Adam over 20% more "
+        "numbers (30 instead of 25 per 5x5 kernel); rdft adds one product each way and no numbers.",
         "- The machine is a shared VM that hands freed memory back to its host: touching memory again costs host "
         "faults (2 GiB took 2.9 s). Every I/O command therefore starts from the same state (2 GiB touched and "
         "freed just before); without that, a convert took 3.7 s right after the baseline's process and 1.4 s "
