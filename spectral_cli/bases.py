@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -62,9 +62,9 @@ __all__ = [
     "ROW_MULTIPLE",
     "Basis",
     "Matrices",
-    "apply_synthesis",
     "check_basis",
     "check_kernel_size",
+    "check_spectral",
     "chunk_rows",
     "compute_dtype",
     "matrices",
@@ -277,7 +277,7 @@ def row_width(kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS) -> int:
 def to_spatial(x: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS) -> torch.Tensor:
     """Map spectral coefficients ``x`` back to spatial kernels (differentiable; keeps ``x.dtype``)."""
     ks, basis = check_kernel_size(kernel_size), check_basis(basis)
-    _check_spectral(x, ks, basis)
+    check_spectral(x, ks, basis)
     synthesis = matrices(basis, ks, compute_dtype(x.dtype), x.device).synthesis
     n_in = math.prod(spectral_kernel_shape(ks, basis))
     if basis == "rfft":
@@ -298,57 +298,12 @@ def to_spatial(x: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFAU
     return (out[0] if rows is None else rows).reshape(*lead, *ks).to(x.dtype)
 
 
-def _check_spectral(x: torch.Tensor, ks: tuple[int, ...], basis: Basis) -> None:
+def check_spectral(x: torch.Tensor, ks: tuple[int, ...], basis: Basis) -> None:
+    """Raise :class:`SpectralError` unless ``x`` is a floating-point ``basis`` tensor for kernel size ``ks``."""
     trailing = spectral_kernel_shape(ks, basis)
     _check_tensor(x, trailing, f"a {basis} tensor for kernel size {ks}", 1 if basis == "rfft" else 0)
     if basis == "rfft" and x.shape[0] != 2:
         raise SpectralError(f"an rfft tensor stacks real and imaginary parts in dim 0 (size 2), got {tuple(x.shape)}")
-
-
-class _RfftSynthesis(torch.autograd.Function):
-    """``planes[0] @ synthesis[0] + planes[1] @ synthesis[1]`` with a backward of one batched product.
-
-    Autograd's own backward of the two products fills two zero tensors of the whole ``(2, R, n)`` shape, copies
-    each plane's gradient into one and adds them: five kernels more per conv and step than this, which on an
-    H100 cost about 1% of a training step (benchmarks/train_step.py).
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(planes: torch.Tensor, synthesis: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # Out of place, though addmm copies its first argument (a memcpy per conv): with addmm_ here, torch 2.11's
-        # torch.compile trained on zero gradients for ``original`` (tests/test_training.py, CPU and CUDA).
-        return torch.addmm(planes[0] @ synthesis[0], planes[1], synthesis[1])
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
-        planes, synthesis = inputs
-        ctx.save_for_backward(synthesis, planes if ctx.needs_input_grad[1] else None)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
-        synthesis, planes = ctx.saved_tensors
-        # (R, taps) @ (2, taps, n): the gradient broadcast over both planes without a copy
-        grad_planes = torch.matmul(grad, synthesis.mT) if ctx.needs_input_grad[0] else None
-        grad_synthesis = torch.matmul(planes.mT, grad) if ctx.needs_input_grad[1] else None
-        return grad_planes, grad_synthesis
-
-
-def apply_synthesis(x: torch.Tensor, synthesis: torch.Tensor, ks: tuple[int, ...], basis: Basis) -> torch.Tensor:
-    """``to_spatial`` with the synthesis matrix given (in ``compute_dtype(x.dtype)`` on ``x.device``), as one
-    product over all kernels: the forward of a registered conv (its last bits may differ from ``to_spatial``'s
-    on tensors of more than :func:`chunk_rows` kernels)."""
-    _check_spectral(x, ks, basis)
-    cdtype = synthesis.dtype
-    n_in = math.prod(spectral_kernel_shape(ks, basis))
-    if basis == "rfft":
-        rows: torch.Tensor = _RfftSynthesis.apply(x.to(cdtype).reshape(2, -1, n_in), synthesis)
-        lead = x.shape[1 : x.dim() - len(ks)]
-    else:
-        rows = x.to(cdtype).reshape(-1, n_in) @ synthesis
-        lead = x.shape[: x.dim() - len(ks)]
-    return rows.reshape(*lead, *ks).to(x.dtype)
 
 
 def to_spectral(w: torch.Tensor, kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS) -> torch.Tensor:

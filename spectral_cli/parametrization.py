@@ -28,7 +28,6 @@ from torch.nn.utils import parametrize
 from .bases import (
     DEFAULT_BASIS,
     Basis,
-    apply_synthesis,
     check_basis,
     check_kernel_size,
     compute_dtype,
@@ -37,6 +36,7 @@ from .bases import (
 )
 from .errors import SpectralError
 from .layout import MASKED_REASON, glob_patterns, selected
+from .synthesis import apply_synthesis
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,

@@ -14,6 +14,7 @@ import torch
 import spectral_cli.bases as bases
 from spectral_cli import SpectralError
 from spectral_cli.bases import matrices, to_spatial, to_spectral
+from spectral_cli.synthesis import apply_synthesis
 
 CPU = torch.device("cpu")
 BASES = ("rfft", "rdft")
@@ -288,7 +289,7 @@ def test_gradcheck(ks: tuple[int, ...], basis: str) -> None:
 def _forward(x: torch.Tensor, ks: tuple[int, ...], basis: str) -> torch.Tensor:
     """The forward of a registered conv (``apply_synthesis``: rfft has a backward of its own)."""
     synthesis = matrices(basis, ks, x.dtype, x.device).synthesis  # type: ignore[arg-type]
-    return bases.apply_synthesis(x, synthesis, ks, basis)  # type: ignore[arg-type]
+    return apply_synthesis(x, synthesis, ks, basis)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("ks", [(3,), (4,), (3, 3), (2, 5), (4, 4), (2, 2, 3)], ids=ids)
