@@ -19,7 +19,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,20 @@ STATE_DICT_KEYS = (
 )
 #: prefixes that wrappers add to every key (DDP/DataParallel, torch.compile, Lightning's ``self.model``)
 KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def key_prefix(keys: Iterable[str]) -> str:
+    """The wrapper prefix (``module.``, ``_orig_mod.``, ...) shared by every key, possibly nested."""
+    keys = list(keys)
+    prefix = ""
+    while keys:
+        for p in KEY_PREFIXES:
+            if all(k.startswith(prefix + p) for k in keys):
+                prefix += p
+                break
+        else:
+            return prefix
+    return prefix
 
 
 @dataclass

@@ -33,7 +33,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from .inspection import InspectReport
-    from .operations import FileReport
+    from .report import FileReport
 
 SCHEMA = 1
 

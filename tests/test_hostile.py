@@ -40,8 +40,8 @@ from typer.testing import Result
 
 import spectral_cli.checkpoint as checkpoint
 import spectral_cli.formats as formats
-import spectral_cli.operations as operations
 import spectral_cli.stream as stream
+import spectral_cli.streamed as streamed
 from spectral_cli import bake_state_dict
 from spectral_cli.operations import convert_file
 
@@ -325,7 +325,7 @@ def _read_only_directory(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
     readonly.chmod(0o555)
     if not os.access(readonly, os.W_OK):
         return
-    real_mkstemp, real_mkdtemp = formats.tempfile.mkstemp, operations.tempfile.mkdtemp
+    real_mkstemp, real_mkdtemp = formats.tempfile.mkstemp, streamed.tempfile.mkdtemp
 
     def refuse(real: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -337,7 +337,7 @@ def _read_only_directory(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
         return call
 
     monkeypatch.setattr(formats.tempfile, "mkstemp", refuse(real_mkstemp))
-    monkeypatch.setattr(operations.tempfile, "mkdtemp", refuse(real_mkdtemp))
+    monkeypatch.setattr(streamed.tempfile, "mkdtemp", refuse(real_mkdtemp))
 
 
 def _with_readonly_dir(build: Callable[[Path], Path]) -> Callable[[Path], Path]:
