@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .formats import SAFETENSORS, SHARDED, detect_format
-from .layout import LayerInfo, LayerRecord, describe, records_from_json
+from .layout import LayerRecord, records_from_json
+from .plan import LayerInfo, describe
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Convert and bake whole checkpoint files; the work behind ``spectral convert`` and ``spectral bake``.
 
-Two paths, one plan (:mod:`spectral_cli.layout`):
+Two paths, one plan (:mod:`spectral_cli.plan`):
 
 * torch files are loaded (``weights_only=True``, ``mmap=True``), every state dict in the container goes through
   the pure surgery, everything else in the container is kept, and the result is written atomically, read back
@@ -44,7 +44,8 @@ from .formats import (
     detect_format,
     output_format,
 )
-from .layout import LayerRecord, Plan, Step, TensorSpec, plan_bake, plan_convert
+from .layout import LayerRecord, TensorSpec
+from .plan import Plan, Step, plan_bake, plan_convert
 from .report import FileReport, Progress
 from .slabs import Pieces, Scratch, bake_streamed, convert_streamed
 from .stream import Entry

@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch
 
 from .bases import ROW_MULTIPLE, Basis, chunk_rows, compute_dtype, row_matrices, row_width, spectral_rows, to_spatial
-from .layout import Step
+from .plan import Step
 from .stream import Entry, read_rows, read_tensor
 from .surgery import LayerChange, bake_tensor, convert_tensor
 

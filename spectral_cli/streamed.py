@@ -24,7 +24,8 @@ from . import __version__
 from .checkpoint import key_prefix
 from .errors import CheckpointError, RefusedError
 from .formats import INDEX_SUFFIX, SAFETENSORS, SHARDED, check_output, default_output, fsync_directory, output_format
-from .layout import LayerRecord, Plan, Step, TensorSpec, records_from_json, records_to_json
+from .layout import LayerRecord, TensorSpec, records_from_json, records_to_json
+from .plan import Plan, Step
 from .report import FileReport, Progress
 from .slabs import Pieces, Scratch
 from .stream import Entry, Header, SafetensorsInput, open_safetensors, read_header, write_stream

@@ -40,19 +40,13 @@ from .layout import (
     COMPRESSAI_SUFFIX,
     METADATA_KEY,
     SPECTRAL_SUFFIX,
-    LayerInfo,
     LayerRecord,
-    Plan,
-    Skipped,
-    Step,
     TensorSpec,
-    describe,
     infer_kernel_size,
-    plan_bake,
-    plan_convert,
     records_from_json,
     records_to_json,
 )
+from .plan import LayerInfo, Plan, Skipped, Step, describe, plan_bake, plan_convert
 
 __all__ = [
     "COMPRESSAI_SUFFIX",

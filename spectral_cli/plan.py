@@ -1,0 +1,255 @@
+"""Plans over tensor specs: what convert or bake will do, from each tensor's name, shape and dtype alone.
+Imports no torch.
+
+A plan says which keys become which, with which shapes. :mod:`spectral_cli.surgery` executes plans on tensors;
+the streaming writers use them to lay out an output header before any data is read; ``spectral inspect`` uses
+them to list a safetensors file from its header alone.
+
+Example:
+    >>> specs = {"conv.weight": TensorSpec((8, 3, 3, 3), "float32"), "conv.bias": TensorSpec((8,), "float32")}
+    >>> plan = plan_convert(specs)
+    >>> [(s.source_key, s.target_key, s.shape_after) for s in plan.steps]
+    [('conv.weight', 'conv.parametrizations.weight.original', (2, 8, 3, 3, 2))]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .errors import AmbiguousKernelSizeError, SpectralError
+from .layout import (
+    COMPLEX_DTYPES,
+    COMPRESSAI_SUFFIX,
+    CONVERTIBLE_DTYPES,
+    DEFAULT_BASIS,
+    MASKED_REASON,
+    SPECTRAL_SUFFIX,
+    Basis,
+    LayerRecord,
+    TensorSpec,
+    check_basis,
+    check_record,
+    glob_patterns,
+    infer_kernel_size,
+    is_conv_kernel_key,
+    module_name,
+    selected,
+    spatial_shape,
+    spectral_kernel_shape,
+    spectral_key,
+    spectral_shape,
+    weight_key,
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One tensor to convert or bake. ``complex_source`` marks CompressAI's complex ``weight_transformed``."""
+
+    name: str
+    source_key: str
+    target_key: str
+    basis: Basis
+    kernel_size: tuple[int, ...]
+    shape_before: tuple[int, ...]
+    shape_after: tuple[int, ...]
+    dtype: str
+    out_dtype: str
+    inferred: bool = False
+    complex_source: bool = False
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A tensor left as it was, and why (``"1x1 kernel"``, ``"excluded"``, ``"already spectral"`` ...)."""
+
+    key: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    """What convert or bake will do. ``records`` are those the output carries."""
+
+    steps: list[Step] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    records: dict[str, LayerRecord] = field(default_factory=dict)
+
+    def output_specs(self, specs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
+        """The output's tensors, in input order, each step's target where its source was."""
+        by_source = {s.source_key: s for s in self.steps}
+        out = {}
+        for key, spec in specs.items():
+            step = by_source.get(key)
+            out[step.target_key if step else key] = TensorSpec(step.shape_after, step.out_dtype) if step else spec
+        return out
+
+
+def plan_convert(
+    specs: Mapping[str, TensorSpec],
+    records: Mapping[str, LayerRecord] | None = None,
+    *,
+    basis: Basis = DEFAULT_BASIS,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> Plan:
+    """Every conv kernel ``<mod>.weight`` (float, rank 3 to 5, more than one tap) to its spectral key."""
+    basis = check_basis(basis)
+    inc, exc = glob_patterns(include, "include"), glob_patterns(exclude, "exclude")
+    plan = Plan(records=dict(records or {}))
+    for key, spec in specs.items():
+        if key.endswith(SPECTRAL_SUFFIX) and key in plan.records:
+            check_record(key, spec, plan.records[key])
+            plan.skipped.append(Skipped(key, "already spectral"))
+            continue
+        if key.endswith((SPECTRAL_SUFFIX, COMPRESSAI_SUFFIX)) and _looks_spectral(key, spec):
+            plan.skipped.append(Skipped(key, "already spectral"))
+            continue
+        if not is_conv_kernel_key(key, spec):
+            continue
+        name = module_name(key, "weight")
+        target = spectral_key(name)
+        ks = tuple(spec.shape[2:])
+        if not selected(name, inc, exc):
+            reason = "excluded"
+        elif spec.kind != "dense":
+            reason = f"not a dense tensor ({spec.kind})"
+        elif spec.dtype not in CONVERTIBLE_DTYPES:
+            reason = f"not float ({spec.dtype})"
+        elif math.prod(ks) == 1:
+            reason = "1x1 kernel"
+        elif specs.get(f"{name}.mask" if name else "mask", None) == TensorSpec(spec.shape, spec.dtype):
+            reason = MASKED_REASON
+        elif target in specs:
+            raise SpectralError(f"{key} and {target} are both present: the state dict is half converted")
+        else:
+            shape_after = spectral_shape(spec.shape, ks, basis)
+            plan.steps.append(Step(name, key, target, basis, ks, spec.shape, shape_after, spec.dtype, spec.dtype))
+            plan.records[target] = LayerRecord(basis, ks, spec.dtype)
+            continue
+        plan.skipped.append(Skipped(key, reason))
+    return plan
+
+
+def _looks_spectral(key: str, spec: TensorSpec) -> bool:
+    """A record-less tensor in a foreign spectral layout (pytorch-parametrizations, CompressAI)."""
+    try:
+        return spectral_step(key, spec, {}) is not None
+    except AmbiguousKernelSizeError:
+        return True  # the shape of an rfft tensor, only its kernel size is unknown
+
+
+def spectral_step(
+    key: str,
+    spec: TensorSpec,
+    records: Mapping[str, LayerRecord],
+    kernel_size: tuple[int, ...] | None = None,
+) -> Step | None:
+    """The bake step for ``key`` if it holds a spectral tensor (recorded, or in a foreign rfft layout)."""
+    if spec.kind != "dense":
+        return None
+    complex_source = key.endswith(COMPRESSAI_SUFFIX) and spec.dtype in COMPLEX_DTYPES and 3 <= len(spec.shape) <= 5
+    if complex_source:
+        shape = (2, *spec.shape)
+        dtype = "float32" if spec.dtype == "complex64" else "float64"
+        name = module_name(key, COMPRESSAI_SUFFIX)
+    elif key.endswith(SPECTRAL_SUFFIX) and (
+        key in records or (spec.dtype in CONVERTIBLE_DTYPES and spec.shape[:1] == (2,))
+    ):
+        shape, dtype, name = spec.shape, spec.dtype, module_name(key, SPECTRAL_SUFFIX)
+    else:
+        return None
+    record = records.get(key)
+    inferred = False
+    if record is not None:
+        check_record(key, TensorSpec(shape, dtype), record)
+    else:
+        if not 4 <= len(shape) <= 6:
+            return None
+        ks = tuple(kernel_size) if kernel_size is not None else ()
+        given = len(ks) == len(shape) - 3 and tuple(shape[-len(ks) :]) == spectral_kernel_shape(ks, "rfft")
+        if not given:
+            ks = infer_kernel_size(key, shape)
+        if tuple(shape[-len(ks) :]) != spectral_kernel_shape(ks, "rfft"):
+            return None
+        record, inferred = LayerRecord("rfft", ks, dtype), not given
+    after = spatial_shape(shape, record.kernel_size, record.basis)
+    return Step(name, key, weight_key(name), record.basis, record.kernel_size, spec.shape, after, dtype, record.dtype,
+                inferred, complex_source)  # fmt: skip
+
+
+def plan_bake(
+    specs: Mapping[str, TensorSpec],
+    records: Mapping[str, LayerRecord] | None = None,
+    *,
+    kernel_size: tuple[int, ...] | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> Plan:
+    """Every spectral tensor back to ``<mod>.weight`` in its original dtype."""
+    inc, exc = glob_patterns(include, "include"), glob_patterns(exclude, "exclude")
+    plan = Plan(records=dict(records or {}))
+    for key, spec in specs.items():
+        step = spectral_step(key, spec, plan.records, kernel_size)
+        if step is None:
+            continue
+        if not selected(step.name, inc, exc):
+            plan.skipped.append(Skipped(key, "excluded"))
+            continue
+        if step.target_key in specs:
+            raise SpectralError(f"{key} and {step.target_key} are both present: the state dict is half baked")
+        plan.steps.append(step)
+        plan.records.pop(key, None)
+    return plan
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One layer as ``describe`` sees it.
+
+    ``domain`` is ``"spectral"``, ``"spatial"`` (a convertible conv kernel), ``"weight_norm"`` or
+    ``"parametrized"`` (another or unknown parametrization). ``inferred`` marks a spectral layer whose kernel
+    size was read from its shape (no record): a square kernel, the only consistent guess.
+    """
+
+    name: str
+    key: str
+    domain: str
+    basis: str | None
+    kernel_size: tuple[int, ...] | None
+    shape: tuple[int, ...]
+    dtype: str
+    inferred: bool = False
+
+    @property
+    def params(self) -> int:
+        return math.prod(self.shape)
+
+
+def describe(
+    specs: Mapping[str, TensorSpec], records: Mapping[str, LayerRecord] | None = None, *, include_spatial: bool = True
+) -> list[LayerInfo]:
+    """The parametrized layers and, with ``include_spatial``, the convertible conv kernels."""
+    records = records or {}
+    layers = []
+    for key, spec in specs.items():
+        try:
+            step = spectral_step(key, spec, records)
+        except AmbiguousKernelSizeError:
+            step = None
+        if step is not None:
+            layers.append(LayerInfo(step.name, key, "spectral", step.basis, step.kernel_size, spec.shape, spec.dtype,
+                                    step.inferred))  # fmt: skip
+        elif key.endswith(SPECTRAL_SUFFIX + "0") and key[:-1] + "1" in specs:
+            name = module_name(key, SPECTRAL_SUFFIX + "0")
+            layers.append(LayerInfo(name, key, "weight_norm", None, None, spec.shape, spec.dtype))
+        elif ".parametrizations." in f".{key}" and key.rsplit(".", 1)[-1] in ("original", "original0"):
+            name = key[: key.rfind("parametrizations.")].removesuffix(".")
+            layers.append(LayerInfo(name, key, "parametrized", None, None, spec.shape, spec.dtype))
+        elif include_spatial and is_conv_kernel_key(key, spec):
+            if spec.kind == "dense" and spec.dtype in CONVERTIBLE_DTYPES and math.prod(spec.shape[2:]) > 1:
+                name = module_name(key, "weight")
+                layers.append(LayerInfo(name, key, "spatial", None, tuple(spec.shape[2:]), spec.shape, spec.dtype))
+    return layers
