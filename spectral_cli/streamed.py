@@ -28,8 +28,9 @@ from .layout import LayerRecord, TensorSpec, records_from_json, records_to_json
 from .plan import Plan, Step
 from .report import FileReport, Progress
 from .slabs import Pieces, Scratch
-from .stream import Entry, Header, SafetensorsInput, open_safetensors, read_header, write_stream
+from .stream import Entry, Header, SafetensorsInput, open_safetensors, read_header
 from .surgery import METADATA_KEY, Skipped
+from .writer import write_stream
 
 
 def file_metadata(

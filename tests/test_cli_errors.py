@@ -24,7 +24,7 @@ from torch import nn
 import spectral_cli.checkpoint as checkpoint
 import spectral_cli.formats as formats
 import spectral_cli.operations as operations
-import spectral_cli.stream as stream
+import spectral_cli.writer as writer
 
 COMMANDS = ("convert", "bake", "inspect")
 
@@ -351,13 +351,13 @@ def _fail_in_replace(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _fail_in_safetensors_stream(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write = stream._write_tensor
+    real_write = writer._write_tensor
 
     def half_then_fail(out: Any, name: str, spec: Any, tensor: torch.Tensor) -> int:
         real_write(out, name, spec, tensor)
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(stream, "_write_tensor", half_then_fail)
+    monkeypatch.setattr(writer, "_write_tensor", half_then_fail)
 
 
 def _interrupt_in_torch_save(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,8 +40,8 @@ from typer.testing import Result
 
 import spectral_cli.checkpoint as checkpoint
 import spectral_cli.formats as formats
-import spectral_cli.stream as stream
 import spectral_cli.streamed as streamed
+import spectral_cli.writer as writer
 from spectral_cli import bake_state_dict
 from spectral_cli.operations import convert_file
 
@@ -306,17 +306,17 @@ def _after_calls(n: int, real: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _io_error_in_write_tensor(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
-    monkeypatch.setattr(stream, "_write_tensor", _after_calls(1, stream._write_tensor))
+    monkeypatch.setattr(writer, "_write_tensor", _after_calls(1, writer._write_tensor))
 
 
 def _io_error_in_copy_range(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
-    monkeypatch.setattr(stream, "_copy_range", _after_calls(2, stream._copy_range))
+    monkeypatch.setattr(writer, "_copy_range", _after_calls(2, writer._copy_range))
 
 
 def _io_error_in_background_writeback(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
     """The early fdatasync (on its own thread) fails: reported once by the kernel, so it must be raised by us."""
-    monkeypatch.setattr(stream, "WRITEBACK_BYTES", 1)
-    monkeypatch.setattr(stream, "_DATASYNC", _after_calls(1, os.fsync))
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 1)
+    monkeypatch.setattr(writer, "_DATASYNC", _after_calls(1, os.fsync))
 
 
 def _read_only_directory(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:

@@ -26,6 +26,7 @@ import spectral_cli.bases as bases
 import spectral_cli.cli as cli
 import spectral_cli.slabs as slabs
 import spectral_cli.stream as stream
+import spectral_cli.writer as writer
 from spectral_cli.layout import METADATA_KEY, records_from_json
 from spectral_cli.operations import bake_file, convert_file
 from spectral_cli.surgery import LayerChange, bake_state_dict, convert_state_dict
@@ -39,7 +40,7 @@ def _tiny_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
     writeback every kilobyte."""
     monkeypatch.setattr(slabs, "SLAB_BYTES", 200)
     monkeypatch.setattr(bases, "CHUNK_TAPS", 40)
-    monkeypatch.setattr(stream, "WRITEBACK_BYTES", 1000)  # the background fdatasync runs while writing
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 1000)  # the background fdatasync runs while writing
 
 
 def _state_dict() -> dict[str, torch.Tensor]:
@@ -198,9 +199,9 @@ def test_untouched_tensors_are_copied_byte_for_byte(
         def refuse(*args: Any) -> int:
             raise OSError(18, "Invalid cross-device link")
 
-        monkeypatch.setattr(stream, "_COPY_FILE_RANGE", refuse)
+        monkeypatch.setattr(writer, "_COPY_FILE_RANGE", refuse)
     elif copy == "none":
-        monkeypatch.setattr(stream, "_COPY_FILE_RANGE", None)
+        monkeypatch.setattr(writer, "_COPY_FILE_RANGE", None)
     out = checkpoint.with_name(f"{copy}.safetensors")
     convert_file(checkpoint, out)
     assert out.read_bytes() == reference.read_bytes()
@@ -222,9 +223,9 @@ def test_pieces_that_do_not_cover_the_tensor_are_refused(tmp_path: Path, pieces:
     specs = {"w": TensorSpec((8,), "float32")}
     target = tmp_path / "out.safetensors"
     with pytest.raises(CheckpointError, match="w: "):
-        stream.write_stream(target, specs, {}, lambda name: iter([(o, data[a:b]) for o, a, b in pieces]))
+        writer.write_stream(target, specs, {}, lambda name: iter([(o, data[a:b]) for o, a, b in pieces]))
     assert listing(tmp_path) == []
-    stream.write_stream(target, specs, {}, lambda name: iter([(16, data[4:]), (0, data[:4])]))  # any order
+    writer.write_stream(target, specs, {}, lambda name: iter([(16, data[4:]), (0, data[:4])]))  # any order
     assert torch.equal(load_file(str(target))["w"], data)
 
 
@@ -515,11 +516,11 @@ def _no_stray_threads() -> Iterator[None]:
 
 def test_synced_while_writing_and_the_same_file(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reference = checkpoint.with_name("reference.safetensors")
-    monkeypatch.setattr(stream, "WRITEBACK_BYTES", 1 << 40)
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 1 << 40)
     convert_file(checkpoint, reference)
     calls: list[int] = []
-    monkeypatch.setattr(stream, "WRITEBACK_BYTES", 1000)
-    monkeypatch.setattr(stream, "_DATASYNC", lambda fd: calls.append(fd) or os.fsync(fd))
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 1000)
+    monkeypatch.setattr(writer, "_DATASYNC", lambda fd: calls.append(fd) or os.fsync(fd))
     early = checkpoint.with_name("early.safetensors")
     convert_file(checkpoint, early)
     assert len(calls) >= 2
@@ -532,14 +533,14 @@ def test_without_a_thread_for_early_writeback_the_file_is_still_written(
     """Under a tight address-space cap a new thread may not start: writing goes on, the final fsync does it all."""
     reference = checkpoint.with_name("reference.safetensors")
     convert_file(checkpoint, reference)
-    started = stream.threading.Thread.start
+    started = writer.threading.Thread.start
 
     def refuse(thread: Any) -> None:
         if thread.name == "spectral-writeback":
             raise RuntimeError("can't start new thread")
         started(thread)
 
-    monkeypatch.setattr(stream.threading.Thread, "start", refuse)
+    monkeypatch.setattr(writer.threading.Thread, "start", refuse)
     capped = checkpoint.with_name("capped.safetensors")
     assert spectral("convert", capped.with_name(checkpoint.name), "-o", capped).exit_code == 0
     assert capped.read_bytes() == reference.read_bytes()
