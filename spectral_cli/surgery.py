@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -73,25 +73,16 @@ StateDict = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
-class LayerChange:
-    """One tensor converted or baked; ``max_error`` is the relative round-trip (convert) or rounding (bake) error."""
+class LayerChange(Step):
+    """A :class:`~spectral_cli.plan.Step` done: the tensor converted or baked, with ``max_error`` the relative
+    round-trip (convert) or rounding (bake) error measured."""
 
-    name: str
-    source_key: str
-    target_key: str
-    basis: Basis
-    kernel_size: tuple[int, ...]
-    shape_before: tuple[int, ...]
-    shape_after: tuple[int, ...]
-    dtype: str
-    max_error: float
-    inferred: bool = False
+    max_error: float = field(kw_only=True)
 
     @classmethod
     def of(cls, step: Step, max_error: float) -> LayerChange:
         """The change that executing ``step`` made, with its measured error."""
-        return cls(step.name, step.source_key, step.target_key, step.basis, step.kernel_size, step.shape_before,
-                   step.shape_after, step.dtype, max_error, step.inferred)  # fmt: skip
+        return cls(**{f.name: getattr(step, f.name) for f in fields(step)}, max_error=max_error)
 
     @property
     def params_before(self) -> int:
