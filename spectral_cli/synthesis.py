@@ -7,9 +7,9 @@ rfft product has a backward of its own.
 
 Example:
     >>> import torch
-    >>> from spectral_cli.bases import matrices, to_spatial, to_spectral
+    >>> from spectral_cli.bases import matrices, to_spectral
     >>> w = torch.randn(4, 2, 3, 3, dtype=torch.float64)
-    >>> x = to_spectral(w, (3, 3)).requires_grad_()
+    >>> x = to_spectral(w, (3, 3))
     >>> s = matrices("rfft", (3, 3), torch.float64, x.device).synthesis
     >>> torch.allclose(apply_synthesis(x, s, (3, 3), "rfft"), w)
     True
@@ -32,8 +32,8 @@ class _RfftSynthesis(torch.autograd.Function):
     """``planes[0] @ synthesis[0] + planes[1] @ synthesis[1]`` with a backward of one batched product.
 
     Autograd's own backward of the two products fills two zero tensors of the whole ``(2, R, n)`` shape, copies
-    each plane's gradient into one and adds them: five kernels more per conv and step than this, which on an
-    H100 cost about 1% of a training step (benchmarks/train_step.py).
+    each plane's gradient into one and adds them. Measured on an H100 (benchmarks/train_step.py, preset gpu):
+    the training step of the default basis went from 1.027x to 1.017x eager, 1.021x to 1.017x compiled.
     """
 
     generate_vmap_rule = True
