@@ -224,8 +224,9 @@ def notes(doc: dict[str, Any]) -> list[str]:
         f"- `import torch` alone: {floors}. The 0.5x RSS target is out of reach of the CUDA build at this size: "
         "what convert adds above the imports is code pages of the libraries it runs (about 16 MiB, also for a "
         "146 KB file), typer's pydantic (3 MiB), and slab buffers and per-thread MKL buffers.",
-        "- Against the plain read+write, convert (rfft) writes 1.33x the bytes and fsyncs them; the baseline reads "
-        "nothing (`load_file` maps the file) and leaves its output in the page cache. On this VM, writing the "
+        "- Against the plain read+write, convert (rfft) writes 1.33x the bytes and fsyncs them; the baseline's "
+        "`load_file` only maps the file (`save_file` reads the mapped pages as it writes) and its output stays in the "
+        "page cache. On this VM, writing the "
         "same bytes to a file varied 0.2-2.5 s per GiB from run to run, and six converts in a row from the same "
         "settled state took 1.3 to 4.4 s: compare the ratios of one run, and expect them to move between runs.",
         "- GPU training step: what rfft adds over spatial is three small products per conv and step (two "
