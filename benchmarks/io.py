@@ -15,6 +15,9 @@ needs, reads its resident memory, times only the operation, and reports its own 
     write it);
 ``baseline+fsync``
     the same, plus ``fsync`` of the written file (``spectral`` fsyncs its outputs before renaming them);
+``baseline, output size`` and ``baseline+fsync, output size``
+    the same two of a file as large as convert's output: the output of a convert run before the repeats (the
+    bytes that convert writes; it reads the larger file, so this floor is a little high);
 ``convert``
     ``spectral convert FILE -o OUT -q`` (default basis, rfft: the output is larger than the input, 12/9 of
     each 3x3 kernel and 30/25 of each 5x5);
@@ -32,8 +35,9 @@ the imports, and the peak above that. Ratios are medians of the per-repeat ratio
 repeat. Page cache: the input is read once before the first repeat, so every command reads it from memory;
 every output is deleted after its run.
 
-``--sharded`` adds a sharded directory of twice ``--size-gib`` converted shard by shard in a process whose
-address space is capped (``RLIMIT_AS``) below the directory's size: it can only succeed by streaming.
+``--sharded`` adds a sharded directory of twice ``--size-gib`` (at least twice :data:`CAP_FLOOR`) converted
+shard by shard in a process whose address space is capped (``RLIMIT_AS``) at half the directory's size above
+its imports: it can only succeed by streaming.
 """
 
 from __future__ import annotations
@@ -61,7 +65,10 @@ REPO = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
 GIB = 1 << 30
 
-COMMANDS: tuple[str, ...] = ("baseline", "baseline+fsync", "convert", "convert rdft", "bake")
+#: read and write the output of a convert instead of the input (the same bytes as convert writes)
+OUTPUT_SIZE = ", output size"
+COMMANDS: tuple[str, ...] = ("baseline", "baseline+fsync", f"baseline{OUTPUT_SIZE}", f"baseline+fsync{OUTPUT_SIZE}",
+                             "convert", "convert rdft", "bake")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
@@ -213,7 +220,7 @@ def child(command: str, src: str, dst: str, cap_bytes: int | None) -> dict[str, 
     if command.startswith("baseline"):
         tensors = load_file(src)
         save_file(tensors, dst, metadata={"format": "pt"})
-        if command == "baseline+fsync":
+        if command.startswith("baseline+fsync"):
             fd = os.open(dst, os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
@@ -251,6 +258,11 @@ def _run_child(python: str, command: str, src: Path, dst: Path, cap: int | None 
     data["wall"] = wall
     return data
 
+
+#: the smallest address-space cap of the sharded run. RLIMIT_AS counts address space reserved, not memory used:
+#: a convert's threads reserve about 0.6 GiB (glibc's malloc arenas of 64 MiB per thread, 8 MiB stacks) for
+#: 33 MiB of resident memory (measured, torch 2.14.1); under a cap of 0.26 GiB some runs failed to allocate.
+CAP_FLOOR = 768 * MIB
 
 #: memory touched and freed before each command (see ``_settle``), and the wait after it
 SETTLE_BYTES = 2 * GIB
@@ -304,12 +316,17 @@ def bench_python(python: str, src: Path, work: Path, repeats: int, log: bool) ->
     """All commands with one interpreter, interleaved, ``repeats`` times."""
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in COMMANDS}
     spectral_out = work / "bench.spectral.safetensors"
+    reference = work / "bench.reference.safetensors"  # what convert writes, for the baselines of its size
+    _run_child(python, "convert", src, reference)
+    _warm(reference)
     for r in range(repeats):
         for command in COMMANDS:
             if command == "bake":
                 source, target = spectral_out, work / "bench.baked.safetensors"
             elif command == "convert":
                 source, target = src, spectral_out
+            elif command.endswith(OUTPUT_SIZE):
+                source, target = reference, work / "out.safetensors"
             else:
                 source, target = src, work / "out.safetensors"
             data = _run_child(python, command, source, target)
@@ -318,9 +335,10 @@ def bench_python(python: str, src: Path, work: Path, repeats: int, log: bool) ->
             if command != "convert":
                 _remove(target)
             if log:
-                print(f"  [{r + 1}/{repeats}] {command:15s} {data['seconds']:7.3f} s  wall {data['wall']:7.3f} s  "
+                print(f"  [{r + 1}/{repeats}] {command:28s} {data['seconds']:7.3f} s  wall {data['wall']:7.3f} s  "
                       f"peak {data['peak'] / MIB:7.0f} MiB", file=sys.stderr, flush=True)  # fmt: skip
         _remove(spectral_out)
+    _remove(reference)
     floor = import_torch_rss(python)
     rows = {}
     for command, rs in runs.items():
@@ -346,7 +364,7 @@ def bench_sharded(python: str, work: Path, size_bytes: int, shards: int, log: bo
     source = work / "sharded"
     info = write_sharded(source, size_bytes, shards)
     target = work / "sharded.spectral"
-    cap = info["bytes"] // 2
+    cap = max(info["bytes"] // 2, CAP_FLOOR)
     try:
         _warm_dir(source)
         data = _run_child(python, "convert", source, target, cap=cap)
@@ -397,7 +415,8 @@ def run(
                 print(f"io: {python}", file=sys.stderr)
             results.append(bench_python(python, src, work, repeats, log))
         _remove(src)
-        shard = bench_sharded(pythons[-1], work, int(2 * size_gib * GIB), 4, log) if sharded else None
+        shard_bytes = max(int(2 * size_gib * GIB), 2 * CAP_FLOOR)  # larger than its cap, also with --size-gib 0.25
+        shard = bench_sharded(pythons[-1], work, shard_bytes, 4, log) if sharded else None
     return {"checkpoint": info, "repeats": repeats, "interpreters": results, "sharded": shard}
 
 
