@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, RefusedError
+from .errors import OOM_FIX, CheckpointError, OutOfMemoryError, RefusedError, is_out_of_memory
 from .formats import SAFETENSORS, TORCH, atomic_file, detect_format
 from .layout import METADATA_KEY
 from .stream import read_header
@@ -203,6 +203,8 @@ def load_checkpoint(path: Path | str, *, trust_pickle: bool = False) -> Checkpoi
         raise
     except Exception as e:  # every parser failure of a damaged file ends here
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if is_out_of_memory(e):  # a mapping or an allocation refused: the machine's limit, not the file
+            raise OutOfMemoryError(f"{path}: out of memory while loading it ({first[:200]}); {OOM_FIX}") from None
         raise CheckpointError(f"{path}: is damaged or truncated ({first[:200]})") from None
     if isinstance(obj, torch.nn.Module):
         from .parametrization import CONV_TYPES

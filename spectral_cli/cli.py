@@ -4,10 +4,10 @@ torch is imported inside the commands, so ``spectral --help`` and ``--version`` 
 to stdout, warnings to stderr. A user's mistake ends with one line on stderr and the exit code of its
 :class:`~spectral_cli.errors.SpectralError`; set ``SPECTRAL_DEBUG=1`` to see tracebacks.
 
-Exit codes: 0 done (also: nothing left to convert), 1 internal error or a failed write (disk full, no
-permission), 2 usage error, 3 unreadable or damaged input, 4 kernel size ambiguous (pass ``--kernel-size``),
-5 refused (output exists, output is the input, untrusted pickle, TorchScript), 6 nothing to do (no conv kernels
-/ no spectral tensors).
+Exit codes: 0 done (also: nothing left to convert), 1 internal error, a failed write (disk full, no
+permission) or out of memory, 2 usage error, 3 unreadable or damaged input, 4 kernel size ambiguous (pass
+``--kernel-size``), 5 refused (output exists, output is the input, untrusted pickle, TorchScript), 6 nothing to
+do (no conv kernels / no spectral tensors).
 """
 
 from __future__ import annotations
@@ -73,12 +73,19 @@ def _one_line(text: str) -> str:
     return text.translate(_CONTROL)
 
 
-def _run(as_json: bool, body: Callable[[], Any]) -> Any:
+def _run(as_json: bool, body: Callable[[], Any], source: Path) -> Any:
     """Run a command body; turn our errors into one line and an exit code."""
-    from .errors import SpectralError
+    from .errors import OOM_FIX, OutOfMemoryError, SpectralError, is_out_of_memory
 
     try:
-        return body()
+        try:
+            return body()
+        except Exception as e:  # an allocation refused anywhere: the machine's limit, said as such
+            if isinstance(e, SpectralError) or not is_out_of_memory(e):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            message = f"{source}: out of memory ({first}); no output was written; {OOM_FIX}"
+            raise OutOfMemoryError(message) from None
     except SpectralError as e:
         if os.environ.get("SPECTRAL_DEBUG"):
             raise
@@ -244,7 +251,7 @@ def convert(
         _transform("convert", convert_file, input, output, options, dry_run, force, as_json, quiet, max_shard_size,
                    trust_pickle)  # fmt: skip
 
-    _run(as_json, body)
+    _run(as_json, body, input)
 
 
 @app.command()
@@ -277,7 +284,7 @@ def bake(
                 raise
             raise AmbiguousKernelSizeError(f"{e} with --kernel-size KHxKW, e.g. --kernel-size 3x5") from None
 
-    _run(as_json, body)
+    _run(as_json, body, input)
 
 
 @app.command()
@@ -313,7 +320,7 @@ def inspect(
             line += "; pass --all to list the convertible conv kernels too"
         out.print(line, highlight=False, markup=False, soft_wrap=True)
 
-    _run(as_json, body)
+    _run(as_json, body, input)
 
 
 def main() -> None:

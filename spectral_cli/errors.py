@@ -7,6 +7,8 @@ rule, the offending value and the fix, in one line. The command line prints that
 
 from __future__ import annotations
 
+import errno
+
 
 class SpectralError(ValueError):
     """A caller's mistake or an input spectral_cli cannot use; the message says what to do.
@@ -45,3 +47,31 @@ class NothingToDoError(SpectralError):
     """The input holds nothing the command applies to."""
 
     exit_code = 6
+
+
+class OutOfMemoryError(SpectralError):
+    """The process ran out of memory or of address space (``ulimit -v``) for this input; nothing was written."""
+
+    exit_code = 1
+
+
+#: the fix an out-of-memory message ends with
+OOM_FIX = "free memory or raise the process's limit (ulimit -v); safetensors inputs are streamed in bounded memory"
+
+#: how out-of-memory shows in the messages of torch's allocators and of C++ (``std::bad_alloc``)
+_OOM_TEXT = ("bad_alloc", "can't allocate memory", "cannot allocate memory", "out of memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says that an allocation failed (the environment's limit, not a damaged file or our bug).
+
+    Example:
+        >>> is_out_of_memory(MemoryError()), is_out_of_memory(RuntimeError("std::bad_alloc"))
+        (True, True)
+        >>> is_out_of_memory(OSError(errno.ENOMEM, "Cannot allocate memory")), is_out_of_memory(ValueError("bad"))
+        (True, False)
+    """
+    if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+        return True
+    text = str(e).lower()
+    return isinstance(e, (RuntimeError, OSError)) and any(t in text for t in _OOM_TEXT)

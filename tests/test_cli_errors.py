@@ -10,6 +10,8 @@ import io
 import json
 import pickle
 import random
+import subprocess
+import sys
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from torch import nn
 import spectral_cli.checkpoint as checkpoint
 import spectral_cli.formats as formats
 import spectral_cli.operations as operations
+import spectral_cli.slabs as slabs
 import spectral_cli.writer as writer
 
 COMMANDS = ("convert", "bake", "inspect")
@@ -438,6 +441,59 @@ def test_unexpected_exception_is_one_line_with_exit_1(tmp_path: Path, monkeypatc
     assert listing(work) == ["balle.pt"]
     with pytest.raises(RuntimeError, match="boom"):
         spectral("convert", work / "balle.pt", env={"SPECTRAL_DEBUG": "1"})
+
+
+# ---- out of memory: exit 1, said as such ---------------------------------------------------------------------
+
+
+def _bad_alloc(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("std::bad_alloc")
+
+
+def _allocator_refused(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried")
+
+
+def _memory_error(*args: Any, **kwargs: Any) -> Any:
+    raise MemoryError
+
+
+@pytest.mark.parametrize("fail", [_bad_alloc, _allocator_refused, _memory_error])
+@pytest.mark.parametrize(
+    ("sample", "target"), [("balle.pt", "convert_state_dict"), ("balle.safetensors", "spectral_rows")]
+)
+def test_out_of_memory_is_one_line_with_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: Callable[..., Any], sample: str, target: str
+) -> None:
+    """In the torch path and in a worker thread of the streamed safetensors path."""
+    work = copy_samples(tmp_path, [sample])
+    monkeypatch.setattr(operations if target == "convert_state_dict" else slabs, target, fail)
+    line = assert_refused(work, work / sample, ["convert", work / sample, "-o", work / f"out{Path(sample).suffix}"], 1)
+    assert "out of memory" in line and str(work / sample) in line and "no output was written" in line, line
+    assert "internal" not in line and "ulimit" in line
+
+
+def test_loading_under_an_address_space_cap_is_out_of_memory_not_damaged(tmp_path: Path) -> None:
+    """A real refusal: torch maps a .pt file whole; under RLIMIT_AS that mapping fails with ENOMEM. The file is
+    fine, so the message must not call it damaged (it did: exit 3, 'is damaged or truncated')."""
+    source = tmp_path / "big.pt"
+    torch.save({"conv.weight": torch.zeros(64, 64, 64, 64)}, source)  # 64 MiB
+    digest = sha256(source)
+    child = (
+        "import resource, sys\n"
+        "from spectral_cli.cli import app\n"
+        "import spectral_cli.operations\n"
+        "size = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + (16 << 20),) * 2)\n"
+        "app(args=['convert', sys.argv[1], '-o', sys.argv[2]], prog_name='spectral')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", child, str(source), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    line = one_line(proc.stderr)
+    assert line.startswith("error:") and "out of memory" in line and str(source) in line, line
+    assert "damaged" not in line
+    assert sha256(source) == digest and listing(tmp_path) == ["big.pt"]
 
 
 # ---- names that look like Rich markup ------------------------------------------------------------------------
