@@ -21,6 +21,9 @@ needs, reads its resident memory, times only the operation, and reports its own 
 ``convert``
     ``spectral convert FILE -o OUT -q`` (default basis, rfft: the output is larger than the input, 12/9 of
     each 3x3 kernel and 30/25 of each 5x5);
+``convert, no fsync`` and ``convert, no fsync, no check``
+    ablations: the same convert with its fsyncs (and then its round-trip check of every kernel) patched out in
+    the benchmark's process, to show what each costs; spectral has no option to skip either;
 ``convert rdft``
     ``spectral convert FILE -o OUT -q --basis rdft`` (output the same size as the input);
 ``bake``
@@ -67,8 +70,11 @@ GIB = 1 << 30
 
 #: read and write the output of a convert instead of the input (the same bytes as convert writes)
 OUTPUT_SIZE = ", output size"
+#: what an ablation patches out of spectral in the benchmark's own process (not options of spectral)
+ABLATIONS = ("no fsync", "no check")
 COMMANDS: tuple[str, ...] = ("baseline", "baseline+fsync", f"baseline{OUTPUT_SIZE}", f"baseline+fsync{OUTPUT_SIZE}",
-                             "convert", "convert rdft", "bake")  # fmt: skip
+                             "convert", "convert, no fsync", "convert, no fsync, no check", "convert rdft",
+                             "bake")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
@@ -226,7 +232,10 @@ def child(command: str, src: str, dst: str, cap_bytes: int | None) -> dict[str, 
             os.close(fd)
         del tensors
     else:
-        verb, *options = command.split()
+        name, *ablations = (part.strip() for part in command.split(","))
+        for ablation in ablations:
+            _ablate(ablation)
+        verb, *options = name.split()
         args = [verb, src, "-o", dst, "-q", *(["--basis", options[0]] if options else [])]
         try:
             app(args=args, prog_name="spectral")
@@ -235,6 +244,24 @@ def child(command: str, src: str, dst: str, cap_bytes: int | None) -> dict[str, 
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"seconds": seconds, "rss_imports": rss_imports, "peak": peak, "exit_code": code}
+
+
+def _ablate(ablation: str) -> None:
+    """Patch one cost out of spectral in this process, to measure what it costs (the output is not durable, or not
+    checked: never what spectral does)."""
+    import torch
+
+    import spectral_cli.slabs
+    import spectral_cli.writer
+
+    if ablation == "no fsync":
+        spectral_cli.writer._DATASYNC = lambda fd: None  # the background fdatasyncs
+        os.fsync = lambda fd: None  # the fsyncs before the rename and of the directory
+    elif ablation == "no check":
+        none = torch.zeros(2, dtype=torch.float64)
+        spectral_cli.slabs._round_trip_error = lambda *args: none
+    else:
+        raise ValueError(f"unknown ablation {ablation!r}: one of {ABLATIONS}")
 
 
 # --------------------------------------------------------------------------------------------------- parent

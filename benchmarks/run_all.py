@@ -222,6 +222,13 @@ def notes(doc: dict[str, Any]) -> list[str]:
         for i in io_res["interpreters"]
         if "baseline+fsync, output size" in i["rows"]
     )
+    ablated = "; ".join(
+        f"torch {i['import_torch']['torch']}: {_over(i, 'convert', 'baseline')} with both, "
+        f"{_over(i, 'convert, no fsync', 'baseline')} without the fsyncs, "
+        f"{_over(i, 'convert, no fsync, no check', 'baseline')} without either"
+        for i in io_res["interpreters"]
+        if "convert, no fsync, no check" in i["rows"]
+    )
     return [
         "Reading the figures:",
         "",
@@ -243,6 +250,16 @@ def notes(doc: dict[str, Any]) -> list[str]:
         "page cache. On this VM, writing the "
         "same bytes to a file varied 0.2-2.5 s per GiB from run to run, and six converts in a row from the same "
         "settled state took 1.3 to 4.4 s: compare the ratios of one run, and expect them to move between runs.",
+        *(
+            [
+                "- What durability and the check cost: `convert, no fsync` and `convert, no fsync, no check` are "
+                "ablations, the same convert with its fsyncs (then also its round-trip check of every kernel) "
+                "patched out in the benchmark's process (spectral has no option for either). Convert over the "
+                f"baseline, medians of the per-repeat ratios: {ablated}."
+            ]
+            if ablated
+            else []
+        ),
         *(
             [
                 "- The floor under convert (rfft) is writing its larger output: `baseline, output size` and "
