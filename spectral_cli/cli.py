@@ -2,7 +2,8 @@
 
 torch is imported inside the commands, so ``spectral --help`` and ``--version`` start instantly. Results go
 to stdout, warnings to stderr. A user's mistake ends with one line on stderr and the exit code of its
-:class:`~spectral_cli.errors.SpectralError`; set ``SPECTRAL_DEBUG=1`` to see tracebacks.
+:class:`~spectral_cli.errors.SpectralError`; set ``SPECTRAL_DEBUG=1`` to see tracebacks (each command body runs
+through :func:`spectral_cli.console.run`).
 
 Exit codes: 0 done (also: nothing left to convert), 1 internal error, a failed write (disk full, no
 permission) or out of memory, 2 usage error, 3 unreadable or damaged input, 4 kernel size ambiguous (pass
@@ -13,18 +14,15 @@ do (no conv kernels / no spectral tensors).
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-from . import __version__
+from . import __version__, console
 
 app = typer.Typer(
     name="spectral",
@@ -39,14 +37,6 @@ app = typer.Typer(
 class BasisChoice(str, Enum):
     rfft = "rfft"
     rdft = "rdft"
-
-
-def _stdout() -> Console:
-    return Console(soft_wrap=False)
-
-
-def _stderr() -> Console:
-    return Console(stderr=True, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -64,63 +54,6 @@ def _main(
     """Spectral parametrization of convolution kernels, for checkpoints."""
 
 
-#: control characters (newlines, terminal escapes) shown as Python escapes, so that a hostile file or key name
-#: can neither split an error into several lines nor send escape sequences to the terminal
-_CONTROL = {c: repr(chr(c))[1:-1] for c in (*range(32), 127)}
-
-
-def _one_line(text: str) -> str:
-    return text.translate(_CONTROL)
-
-
-def _run(as_json: bool, body: Callable[[], Any], source: Path) -> Any:
-    """Run a command body; turn our errors into one line and an exit code."""
-    from .errors import OOM_FIX, OutOfMemoryError, SpectralError, is_out_of_memory
-
-    try:
-        try:
-            return body()
-        except Exception as e:  # an allocation refused anywhere: the machine's limit, said as such
-            if isinstance(e, SpectralError) or not is_out_of_memory(e):
-                raise
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            message = f"{source}: out of memory ({first}); no output was written; {OOM_FIX}"
-            raise OutOfMemoryError(message) from None
-    except SpectralError as e:
-        if os.environ.get("SPECTRAL_DEBUG"):
-            raise
-        if as_json:
-            typer.echo(json.dumps({"schema": 1, "error": str(e), "exit_code": e.exit_code}))
-        _stderr().print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", highlight=False, markup=True)
-        raise typer.Exit(e.exit_code) from None
-    except (typer.Exit, typer.Abort):
-        raise
-    except KeyboardInterrupt:
-        _stderr().print("interrupted; no output was written", highlight=False)
-        raise typer.Exit(130) from None
-    except OSError as e:  # the system refused a write (disk full, no permission): not our bug
-        if os.environ.get("SPECTRAL_DEBUG"):
-            raise
-        where = f"{e.filename}: " if e.filename else ""
-        message = f"{where}{e.strerror or e}; no output was written"
-        if as_json:
-            typer.echo(json.dumps({"schema": 1, "error": message, "exit_code": 1}))
-        _stderr().print(f"[bold red]error:[/] {escape(_one_line(message))}", highlight=False)
-        raise typer.Exit(1) from None
-    except Exception as e:
-        if os.environ.get("SPECTRAL_DEBUG"):
-            raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        if as_json:
-            typer.echo(json.dumps({"schema": 1, "error": f"{type(e).__name__}: {first}", "exit_code": 1}))
-        _stderr().print(
-            f"[bold red]internal error:[/] {type(e).__name__}: {escape(_one_line(first))} "
-            "(set SPECTRAL_DEBUG=1 for the traceback)",
-            highlight=False,
-        )
-        raise typer.Exit(1) from None
-
-
 def _parse_kernel_size(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -133,32 +66,6 @@ def _parse_kernel_size(text: str | None) -> tuple[int, ...] | None:
     if not 1 <= len(parts) <= 3 or min(parts) < 1:
         raise SpectralError(f"--kernel-size {text!r}: give 1 to 3 positive sizes, like 3x3")
     return parts
-
-
-@contextmanager
-def _progress(enabled: bool, what: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A Rich progress bar on stderr (bytes written), only when stderr is a terminal."""
-    err = _stderr()
-    if not enabled or not err.is_terminal:
-        yield None
-        return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(what, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 def _transform(
@@ -178,7 +85,7 @@ def _transform(
     from .operations import parse_size
 
     shard = None if max_shard_size is None else parse_size(max_shard_size)
-    with _progress(not (quiet or as_json), "converting" if command == "convert" else "baking") as progress:
+    with console.progress(not (quiet or as_json), "converting" if command == "convert" else "baking") as progress:
         report = operation(source, output, dry_run=dry_run, force=force, trust_pickle=trust_pickle,
                            max_shard_size=shard, progress=progress, **options)  # fmt: skip
     _print_report(command, report, as_json, dry_run)
@@ -187,13 +94,13 @@ def _transform(
 def _print_report(command: str, report: Any, as_json: bool, dry_run: bool) -> None:
     from . import render
 
-    err = _stderr()
+    err = console.stderr()
     for warning in report.warnings:
-        err.print(f"[yellow]warning:[/] {escape(_one_line(warning))}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(console.one_line(warning))}", highlight=False)
     if as_json:
         typer.echo(json.dumps(render.file_report_json(command, report, dry_run), indent=2))
         return
-    out = _stdout()
+    out = console.stdout()
     if report.message:
         out.print(report.message, highlight=False, markup=False, soft_wrap=True)
         return
@@ -251,7 +158,7 @@ def convert(
         _transform("convert", convert_file, input, output, options, dry_run, force, as_json, quiet, max_shard_size,
                    trust_pickle)  # fmt: skip
 
-    _run(as_json, body, input)
+    console.run(as_json, body, input)
 
 
 @app.command()
@@ -284,7 +191,7 @@ def bake(
                 raise
             raise AmbiguousKernelSizeError(f"{e} with --kernel-size KHxKW, e.g. --kernel-size 3x5") from None
 
-    _run(as_json, body, input)
+    console.run(as_json, body, input)
 
 
 @app.command()
@@ -313,14 +220,14 @@ def inspect(
         if as_json:
             typer.echo(json.dumps(render.inspect_json(report), indent=2))
             return
-        out = _stdout()
+        out = console.stdout()
         out.print(render.inspect_table(report))
         line = render.inspect_summary(report)
         if not all_layers and not report.layers:
             line += "; pass --all to list the convertible conv kernels too"
         out.print(line, highlight=False, markup=False, soft_wrap=True)
 
-    _run(as_json, body, input)
+    console.run(as_json, body, input)
 
 
 def main() -> None:

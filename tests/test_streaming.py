@@ -23,7 +23,7 @@ from models import listing, one_line, spectral
 from safetensors.torch import load_file, save_file
 
 import spectral_cli.bases as bases
-import spectral_cli.cli as cli
+import spectral_cli.console as console
 import spectral_cli.slabs as slabs
 import spectral_cli.stream as stream
 import spectral_cli.writer as writer
@@ -419,7 +419,7 @@ def test_lying_or_truncated_shards_exit_3_with_one_line(tmp_path: Path, damage: 
 
 
 def test_progress_is_off_when_stderr_is_not_a_terminal(checkpoint: Path) -> None:
-    with cli._progress(True, "converting") as progress:  # pytest captures stderr: not a terminal
+    with console.progress(True, "converting") as progress:  # pytest captures stderr: not a terminal
         assert progress is None
     for extra in ([], ["-q"], ["--json"]):
         out = checkpoint.with_name(f"p{len(extra)}{''.join(extra)}.safetensors")
@@ -434,10 +434,10 @@ def test_progress_bar_on_a_terminal_only_when_enabled(monkeypatch: pytest.Monkey
     from rich.console import Console
 
     buffer = io.StringIO()
-    monkeypatch.setattr(cli, "_stderr", lambda: Console(file=buffer, force_terminal=True, width=80))
-    with cli._progress(False, "converting") as progress:  # -q or --json
+    monkeypatch.setattr(console, "stderr", lambda: Console(file=buffer, force_terminal=True, width=80))
+    with console.progress(False, "converting") as progress:  # -q or --json
         assert progress is None
-    with cli._progress(True, "converting") as progress:
+    with console.progress(True, "converting") as progress:
         assert progress is not None
         progress(50, 100)
         progress(100, 100)
