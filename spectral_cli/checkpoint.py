@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .errors import OOM_FIX, CheckpointError, OutOfMemoryError, RefusedError, is_out_of_memory
+from .errors import OOM_FIX, CheckpointError, OutOfMemoryError, RefusedError, first_line, is_out_of_memory
 from .formats import SAFETENSORS, TORCH, atomic_file, detect_format
 from .layout import METADATA_KEY
 from .stream import read_header
@@ -180,8 +180,7 @@ def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> Any:
     except pickle.UnpicklingError as e:
         name = _unsupported_global(str(e))
         if name is None:
-            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise CheckpointError(f"{path}: is damaged or not a torch checkpoint ({first})") from None
+            raise CheckpointError(f"{path}: is damaged or not a torch checkpoint ({first_line(e)})") from None
         raise RefusedError(
             f"{path}: holds pickled Python objects ({name}) whose loading runs code; "
             "if you trust this file, rerun with --trust-pickle"
@@ -202,10 +201,9 @@ def load_checkpoint(path: Path | str, *, trust_pickle: bool = False) -> Checkpoi
     except (CheckpointError, RefusedError):
         raise
     except Exception as e:  # every parser failure of a damaged file ends here
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if is_out_of_memory(e):  # a mapping or an allocation refused: the machine's limit, not the file
-            raise OutOfMemoryError(f"{path}: out of memory while loading it ({first[:200]}); {OOM_FIX}") from None
-        raise CheckpointError(f"{path}: is damaged or truncated ({first[:200]})") from None
+            raise OutOfMemoryError(f"{path}: out of memory while loading it ({first_line(e)}); {OOM_FIX}") from None
+        raise CheckpointError(f"{path}: is damaged or truncated ({first_line(e)})") from None
     if isinstance(obj, torch.nn.Module):
         from .parametrization import CONV_TYPES
 

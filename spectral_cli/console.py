@@ -47,7 +47,7 @@ def one_line(text: str) -> str:
 
 def run(as_json: bool, body: Callable[[], Any], source: Path) -> Any:
     """Run a command body; turn our errors into one line and an exit code."""
-    from .errors import OOM_FIX, OutOfMemoryError, SpectralError, is_out_of_memory
+    from .errors import OOM_FIX, OutOfMemoryError, SpectralError, first_line, is_out_of_memory
 
     try:
         try:
@@ -55,8 +55,7 @@ def run(as_json: bool, body: Callable[[], Any], source: Path) -> Any:
         except Exception as e:  # an allocation refused anywhere: the machine's limit, said as such
             if isinstance(e, SpectralError) or not is_out_of_memory(e):
                 raise
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            message = f"{source}: out of memory ({first}); no output was written; {OOM_FIX}"
+            message = f"{source}: out of memory ({first_line(e)}); no output was written; {OOM_FIX}"
             raise OutOfMemoryError(message) from None
     except SpectralError as e:
         if os.environ.get("SPECTRAL_DEBUG"):

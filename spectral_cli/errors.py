@@ -55,6 +55,17 @@ class OutOfMemoryError(SpectralError):
     exit_code = 1
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of ``e``'s message (its type's name if it has none), at most ``limit`` characters: what a
+    one-line error quotes of an exception from below.
+
+    Example:
+        >>> first_line(RuntimeError("\\nunpickling failed\\nat byte 7")), first_line(MemoryError())
+        ('unpickling failed', 'MemoryError')
+    """
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 #: the fix an out-of-memory message ends with
 OOM_FIX = "free memory or raise the process's limit (ulimit -v); safetensors inputs are streamed in bounded memory"
 
