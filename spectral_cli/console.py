@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,27 +93,49 @@ def run(as_json: bool, body: Callable[[], Any], source: Path) -> Any:
         raise typer.Exit(1) from None
 
 
+#: seconds of work before a progress bar appears (a quick command shows none)
+SHOW_AFTER = 0.5
+
+
 @contextmanager
-def progress(enabled: bool, what: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A Rich progress bar on stderr (bytes written), only when stderr is a terminal."""
+def progress(enabled: bool, what: str) -> Iterator[Callable[[int, int, int, int], None] | None]:
+    """A Rich progress bar on stderr (bytes and tensors written), only when stderr is a terminal, shown once the
+    work has taken :data:`SHOW_AFTER` seconds."""
     err = stderr()
     if not enabled or not err.is_terminal:
         yield None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
-    with Progress(
+    bar = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         DownloadColumn(),
+        TextColumn("{task.fields[tensors]}"),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         console=err,
         transient=True,
-    ) as bar:
-        task = bar.add_task(what, total=None)
+    )
+    task = bar.add_task(what, total=None, tensors="")
+    start, shown = time.monotonic(), False
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    def update(done: int, total: int, tensors: int, tensors_total: int) -> None:
+        nonlocal shown
+        bar.update(task, completed=done, total=total, tensors=f"{tensors}/{tensors_total} tensors")
+        if not shown and time.monotonic() - start >= SHOW_AFTER:
+            bar.start()
+            shown = True
 
+    try:
         yield update
+    finally:
+        if shown:
+            bar.stop()

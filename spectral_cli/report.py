@@ -8,8 +8,8 @@ from pathlib import Path
 
 from .surgery import LayerChange, Skipped
 
-#: ``progress(bytes_done, bytes_total)``
-Progress = Callable[[int, int], None]
+#: ``progress(bytes_done, bytes_total, tensors_done, tensors_total)``, called as pieces and tensors are written
+Progress = Callable[[int, int, int, int], None]
 
 
 @dataclass

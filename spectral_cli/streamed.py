@@ -115,7 +115,7 @@ def transform_safetensors(
     check_output(source if st.index_path is None else st.index_path.parent, target, force=force, directory=sharded)
     by_target = {s.target_key: s for s in plan.steps}
     scratch = Scratch()  # closed at the end
-    done, total = 0, sum(spec.nbytes for spec in out_specs.values())
+    done, total, tensors = 0, sum(spec.nbytes for spec in out_specs.values()), 0
 
     with ExitStack() as stack:
         stack.enter_context(scratch)
@@ -139,11 +139,12 @@ def transform_safetensors(
 
             return record()
 
-        def tick(nbytes: int) -> None:
-            nonlocal done
+        def tick(nbytes: int, tensor_done: bool) -> None:
+            nonlocal done, tensors
             done += nbytes
+            tensors += tensor_done
             if progress is not None:
-                progress(done, total)
+                progress(done, total, tensors, len(out_specs))
 
         if dry_run:
             for step in plan.steps:
@@ -168,7 +169,7 @@ def _write_sharded(
     out_specs: Mapping[str, TensorSpec],
     plan: Plan,
     produce: Callable[[str], Any],
-    tick: Callable[[int], None],
+    tick: Callable[[int, bool], None],
     force: bool,
 ) -> list[Path]:
     """Write every shard and the index into a temporary directory beside ``target``, then rename it."""

@@ -59,7 +59,7 @@ def write_stream(
     specs: Mapping[str, TensorSpec],
     metadata: Mapping[str, str],
     produce: Callable[[str], Any],
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, bool], None] | None = None,
     verify: Callable[[Path], None] | None = None,
 ) -> None:
     """Write a safetensors file atomically: header from ``specs``, then each tensor from ``produce(name)``.
@@ -67,7 +67,8 @@ def write_stream(
     ``produce`` returns a tensor of the planned spec; or an iterator of ``(byte offset, tensor)``, the planned
     tensor in pieces of its dtype, in any order, that together cover it (each piece is written before the next
     is asked for); or ``(file, start, end)`` to copy bytes unchanged (in the kernel where it can:
-    ``copy_file_range``). Tensors are written from their own memory, without copies.
+    ``copy_file_range``). Tensors are written from their own memory, without copies. ``progress(nbytes,
+    tensor_done)`` is called for each piece written and once more when a tensor is done.
     """
     with atomic_file(target, verify) as out, _EarlyWriteback(out) as writeback:
         header = header_bytes(specs, metadata)
@@ -81,13 +82,20 @@ def write_stream(
                 written = _copy_range(handle, start, end, out)
                 writeback.wrote(written)
             elif isinstance(source, Iterator):
-                written = _write_pieces(out, position, name, spec, source, writeback.wrote)
+
+                def wrote(nbytes: int) -> None:
+                    writeback.wrote(nbytes)
+                    if progress is not None:
+                        progress(nbytes, False)
+
+                _write_pieces(out, position, name, spec, source, wrote)
+                written = 0  # counted piece by piece
             else:
                 written = _write_tensor(out, name, spec, source)
                 writeback.wrote(written)
-            position += written
+            position += spec.nbytes
             if progress is not None:
-                progress(written)
+                progress(written, True)
 
 
 class _EarlyWriteback:

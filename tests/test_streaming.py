@@ -437,21 +437,31 @@ def test_progress_bar_on_a_terminal_only_when_enabled(monkeypatch: pytest.Monkey
     monkeypatch.setattr(console, "stderr", lambda: Console(file=buffer, force_terminal=True, width=80))
     with console.progress(False, "converting") as progress:  # -q or --json
         assert progress is None
+    with console.progress(True, "converting") as progress:  # done within SHOW_AFTER: no bar
+        assert progress is not None
+        progress(100, 100, 2, 2)
+    assert buffer.getvalue() == ""
+    monkeypatch.setattr(console, "SHOW_AFTER", 0.0)
     with console.progress(True, "converting") as progress:
         assert progress is not None
-        progress(50, 100)
-        progress(100, 100)
-    assert "converting" in buffer.getvalue()
+        progress(50, 100, 1, 2)
+        progress(100, 100, 2, 2)
+    assert "converting" in buffer.getvalue() and "2/2 tensors" in buffer.getvalue()
 
 
-def test_streamed_convert_reports_progress_in_bytes(checkpoint: Path) -> None:
-    calls: list[tuple[int, int]] = []
-    convert_file(checkpoint, checkpoint.with_name("progress.safetensors"), progress=lambda d, t: calls.append((d, t)))
-    done = [d for d, _ in calls]
-    assert done == sorted(done) and len({t for _, t in calls}) == 1
+def test_streamed_convert_reports_progress_in_bytes_and_tensors(checkpoint: Path) -> None:
+    calls: list[tuple[int, int, int, int]] = []
+    convert_file(checkpoint, checkpoint.with_name("progress.safetensors"),
+                 progress=lambda d, t, i, n: calls.append((d, t, i, n)))  # fmt: skip
+    written = load_file(str(checkpoint.with_name("progress.safetensors")))
+    done = [d for d, *_ in calls]
+    assert done == sorted(done) and len({t for _, t, _, _ in calls}) == 1
     total = calls[-1][1]
-    assert done[-1] == total == sum(t.numel() * t.element_size() for t in load_file(str(checkpoint.with_name(
-        "progress.safetensors"))).values())  # fmt: skip
+    assert done[-1] == total == sum(t.numel() * t.element_size() for t in written.values())
+    assert len(calls) > len(written)  # bytes reported piece by piece, not only when a tensor is done
+    counted = [i for *_, i, _ in calls]  # each tensor counted once, when done
+    assert {n for *_, n in calls} == {len(written)} and counted[-1] == len(written)
+    assert all(b - a in (0, 1) for a, b in zip([0, *counted], counted, strict=False))
 
 
 # ---- start-up: no torch for --help and for inspect of a safetensors file ---------------------------------------
