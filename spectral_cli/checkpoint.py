@@ -202,7 +202,9 @@ def load_checkpoint(path: Path | str, *, trust_pickle: bool = False) -> Checkpoi
         raise
     except Exception as e:  # every parser failure of a damaged file ends here
         if is_out_of_memory(e):  # a mapping or an allocation refused: the machine's limit, not the file
-            raise OutOfMemoryError(f"{path}: out of memory while loading it ({first_line(e)}); {OOM_FIX}") from None
+            whole = "" if fmt == SAFETENSORS else "; a torch checkpoint is loaded whole, safetensors files stream"
+            message = f"{path}: out of memory while loading it ({first_line(e)}); {OOM_FIX}{whole}"
+            raise OutOfMemoryError(message) from None
         raise CheckpointError(f"{path}: is damaged or truncated ({first_line(e)})") from None
     if isinstance(obj, torch.nn.Module):
         from .parametrization import CONV_TYPES

@@ -67,7 +67,7 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 
 
 #: the fix an out-of-memory message ends with
-OOM_FIX = "free memory or raise the process's limit (ulimit -v); safetensors inputs are streamed in bounded memory"
+OOM_FIX = "free memory or raise the process's limit (ulimit -v)"
 
 #: how out-of-memory shows in the messages of torch's allocators and of C++ (``std::bad_alloc``)
 _OOM_TEXT = ("bad_alloc", "can't allocate memory", "cannot allocate memory", "out of memory")
