@@ -71,6 +71,12 @@ def write_stream(
     tensor_done)`` is called for each piece written and once more when a tensor is done.
     """
     with atomic_file(target, verify) as out, _EarlyWriteback(out) as writeback:
+
+        def wrote(nbytes: int) -> None:  # one piece of a tensor
+            writeback.wrote(nbytes)
+            if progress is not None:
+                progress(nbytes, False)
+
         header = header_bytes(specs, metadata)
         out.write(header)
         position = len(header)
@@ -82,12 +88,6 @@ def write_stream(
                 written = _copy_range(handle, start, end, out)
                 writeback.wrote(written)
             elif isinstance(source, Iterator):
-
-                def wrote(nbytes: int) -> None:
-                    writeback.wrote(nbytes)
-                    if progress is not None:
-                        progress(nbytes, False)
-
                 _write_pieces(out, position, name, spec, source, wrote)
                 written = 0  # counted piece by piece
             else:
@@ -157,9 +157,10 @@ def _write_pieces(
     name: str,
     spec: TensorSpec,
     pieces: Iterator[tuple[int, torch.Tensor]],
-    wrote: Callable[[int], None] | None = None,
-) -> int:
-    """Write each ``(offset, piece)`` at ``position + offset``; the pieces must cover the tensor exactly once."""
+    wrote: Callable[[int], None],
+) -> None:
+    """Write each ``(offset, piece)`` at ``position + offset``, then ``wrote(its size)``; the pieces must cover the
+    tensor exactly once."""
     covered: list[tuple[int, int]] = []
     try:
         for offset, piece in pieces:
@@ -169,8 +170,7 @@ def _write_pieces(
             out.seek(position + offset)
             _write_tensor(out, name, TensorSpec(tuple(piece.shape), spec.dtype), piece)
             covered.append((offset, offset + size))
-            if wrote is not None:
-                wrote(size)
+            wrote(size)
     finally:
         close = getattr(pieces, "close", None)
         if close is not None:
@@ -182,7 +182,6 @@ def _write_pieces(
         end = stop
     if end != spec.nbytes:
         raise CheckpointError(f"{name}: the pieces produced do not cover {spec} exactly once")
-    return spec.nbytes
 
 
 def _copy_range(f: IO[bytes], start: int, end: int, out: IO[bytes]) -> int:
