@@ -223,9 +223,9 @@ def notes(doc: dict[str, Any]) -> list[str]:
         if "baseline+fsync, output size" in i["rows"]
     )
     ablated = "; ".join(
-        f"torch {i['import_torch']['torch']}: {_over(i, 'convert', 'baseline')} with both, "
-        f"{_over(i, 'convert, no fsync', 'baseline')} without the fsyncs, "
-        f"{_over(i, 'convert, no fsync, no check', 'baseline')} without either"
+        f"torch {i['import_torch']['torch']}: {i['rows']['convert']['ratio']:.2f}x with both, "
+        f"{i['rows']['convert, no fsync']['ratio']:.2f}x without the fsyncs, "
+        f"{i['rows']['convert, no fsync, no check']['ratio']:.2f}x without either"
         for i in io_res["interpreters"]
         if "convert, no fsync, no check" in i["rows"]
     )
