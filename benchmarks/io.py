@@ -215,7 +215,7 @@ def child(command: str, src: str, dst: str, cap_bytes: int | None) -> dict[str, 
     if command.startswith("baseline"):
         from safetensors.torch import load_file, save_file
     else:
-        import spectral_cli.operations  # noqa: F401  (torch and the package, imported before the clock)
+        import spectral_cli.files.convert  # noqa: F401  (torch and the package, imported before the clock)
         from spectral_cli.cli import app
     rss_imports = _rss_bytes()
     if cap_bytes is not None:
@@ -233,12 +233,11 @@ def child(command: str, src: str, dst: str, cap_bytes: int | None) -> dict[str, 
         del tensors
     else:
         name, *ablations = (part.strip() for part in command.split(","))
-        for ablation in ablations:
-            _ablate(ablation)
+        io = _ablated(ablations)
         verb, *options = name.split()
         args = [verb, src, "-o", dst, "-q", *(["--basis", options[0]] if options else [])]
         try:
-            app(args=args, prog_name="spectral")
+            app(args=args, prog_name="spectral", obj=io)
         except SystemExit as e:
             code = int(e.code or 0)
     seconds = time.perf_counter() - start
@@ -246,22 +245,27 @@ def child(command: str, src: str, dst: str, cap_bytes: int | None) -> dict[str, 
     return {"seconds": seconds, "rss_imports": rss_imports, "peak": peak, "exit_code": code}
 
 
-def _ablate(ablation: str) -> None:
-    """Patch one cost out of spectral in this process, to measure what it costs (the output is not durable, or not
-    checked: never what spectral does)."""
+def _ablated(ablations: list[str]) -> Any:
+    """The Io of a convert with some of its costs taken out, to measure what they cost (the output is then not
+    durable, or not checked: never what spectral does)."""
+    import dataclasses
+
     import torch
 
-    import spectral_cli.slabs
-    import spectral_cli.writer
+    import spectral_cli.transform.slabs
+    from spectral_cli.files.convert import Io
+    from spectral_cli.files.syscalls import SYSCALLS
 
-    if ablation == "no fsync":
-        spectral_cli.writer._DATASYNC = lambda fd: None  # the background fdatasyncs
-        os.fsync = lambda fd: None  # the fsyncs before the rename and of the directory
-    elif ablation == "no check":
-        none = torch.zeros(2, dtype=torch.float64)
-        spectral_cli.slabs._round_trip_error = lambda *args: none
-    else:
-        raise ValueError(f"unknown ablation {ablation!r}: one of {ABLATIONS}")
+    syscalls = SYSCALLS
+    none = torch.zeros(2, dtype=torch.float64)
+    for ablation in ablations:
+        if ablation == "no fsync":  # the background fdatasyncs, the fsyncs before the rename and of the directory
+            syscalls = dataclasses.replace(syscalls, fsync=lambda fd: None, fdatasync=lambda fd: None)
+        elif ablation == "no check":
+            spectral_cli.transform.slabs._round_trip_error = lambda *args: none  # type: ignore[assignment]
+        else:
+            raise ValueError(f"unknown ablation {ablation!r}: one of {ABLATIONS}")
+    return Io(syscalls=syscalls)
 
 
 # --------------------------------------------------------------------------------------------------- parent

@@ -24,12 +24,12 @@ _EXPORTS = {
     "Registration": "parametrization",
     "SpectralError": "errors",
     "AmbiguousKernelSizeError": "errors",
-    "to_spatial": "bases",
-    "to_spectral": "bases",
-    "BASES": "bases",
-    "convert_state_dict": "surgery",
-    "bake_state_dict": "surgery",
-    "describe_state_dict": "surgery",
+    "to_spatial": "transform.bases",
+    "to_spectral": "transform.bases",
+    "BASES": "transform.kernels",
+    "convert_state_dict": "statedict.surgery",
+    "bake_state_dict": "statedict.surgery",
+    "describe_state_dict": "statedict.surgery",
 }
 
 __all__ = [
@@ -48,10 +48,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .bases import BASES, to_spatial, to_spectral
     from .errors import AmbiguousKernelSizeError, SpectralError
     from .parametrization import Registration, SpectralParametrization, register_spectral_parametrization
-    from .surgery import bake_state_dict, convert_state_dict, describe_state_dict
+    from .statedict.surgery import bake_state_dict, convert_state_dict, describe_state_dict
+    from .transform.bases import to_spatial, to_spectral
+    from .transform.kernels import BASES
 
 
 def __getattr__(name: str) -> Any:

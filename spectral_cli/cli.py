@@ -1,28 +1,30 @@
 """The ``spectral`` command line: Typer commands and Rich output only.
 
-torch is imported inside the commands, so ``spectral --help`` and ``--version`` start instantly. Results go
-to stdout, warnings to stderr. A user's mistake ends with one line on stderr and the exit code of its
-:class:`~spectral_cli.errors.SpectralError`; set ``SPECTRAL_DEBUG=1`` to see tracebacks (each command body runs
-through :func:`spectral_cli.console.run`).
+torch is imported inside the commands, so ``spectral --help`` and ``--version`` start instantly, and ``inspect``
+of a safetensors file never imports it. Results go to stdout, warnings to stderr. A user's mistake ends with one
+line on stderr and the exit code of its :class:`~spectral_cli.errors.SpectralError` (the table:
+:data:`~spectral_cli.errors.EXIT_CODES`); option values are checked by the commands themselves, so that a bad one
+is an exit-2 error that ``--json`` reports as JSON too. Set ``SPECTRAL_DEBUG=1`` to see tracebacks.
 
-Exit codes: 0 done (also: nothing left to convert), 1 internal error, a failed write (disk full, no
-permission) or out of memory, 2 usage error, 3 unreadable or damaged input, 4 kernel size ambiguous (pass
-``--kernel-size``), 5 refused (output exists, output is the input, untrusted pickle, TorchScript), 6 nothing to
-do (no conv kernels / no spectral tensors).
+Tests run the app with ``CliRunner().invoke(app, args, obj=Io(...))``: the context object, when it is a
+:class:`~spectral_cli.files.convert.Io`, replaces the system calls and piece sizes of convert and bake (the seam
+where faults are injected).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from enum import Enum
+import re
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from . import __version__, console
+
+if TYPE_CHECKING:
+    from .files.convert import FileReport, Options
 
 app = typer.Typer(
     name="spectral",
@@ -32,11 +34,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-class BasisChoice(str, Enum):
-    rfft = "rfft"
-    rdft = "rdft"
 
 
 def _version(value: bool) -> None:
@@ -54,7 +51,11 @@ def _main(
     """Spectral parametrization of convolution kernels, for checkpoints."""
 
 
-def _parse_kernel_size(text: str | None) -> tuple[int, ...] | None:
+# ---- option values: checked here, so that a bad one is a usage error (exit 2) also under --json ---------------
+
+
+def parse_kernel_size(text: str | None) -> tuple[int, ...] | None:
+    """``"3x5"``, ``"5"``, ``"3x3x3"`` -> a kernel size."""
     if text is None:
         return None
     from .errors import SpectralError
@@ -68,35 +69,68 @@ def _parse_kernel_size(text: str | None) -> tuple[int, ...] | None:
     return parts
 
 
-def _transform(
-    command: str,
-    operation: Callable[..., Any],
-    source: Path,
-    output: Path | None,
-    options: dict[str, Any],
-    dry_run: bool,
-    force: bool,
-    as_json: bool,
-    quiet: bool,
-    max_shard_size: str | None,
-    trust_pickle: bool,
-) -> None:
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(text: str | None) -> int | None:
+    """``"500MB"``, ``"2GiB"``, ``"1.5GB"``, ``"1048576"`` -> bytes: at least one, at most 2**62.
+
+    Example:
+        >>> parse_size("2GiB"), parse_size("1.5 kB")
+        (2147483648, 1500)
+        >>> parse_size("inf")
+        Traceback (most recent call last):
+        ...
+        spectral_cli.errors.SpectralError: --max-shard-size 'inf': give a size like 500MB, 2GB or 1GiB
+    """
+    if text is None:
+        return None
+    from .errors import SpectralError
+
+    found = _SIZE.fullmatch(text.strip())
+    try:
+        size = int(Decimal(found[1]) * _UNITS[found[2].upper()]) if found else 0
+    except InvalidOperation:
+        size = 0
+    if not found:
+        raise SpectralError(f"--max-shard-size {text!r}: give a size like 500MB, 2GB or 1GiB")
+    if not 1 <= size <= 2**62:
+        raise SpectralError(f"--max-shard-size {text!r}: give a size of at least 1 byte, like 500MB")
+    return size
+
+
+def _basis(text: str) -> str:
+    from .transform.kernels import check_basis
+
+    return check_basis(text)
+
+
+# ---- the commands ----------------------------------------------------------------------------------------------
+
+
+def _transform(ctx: typer.Context, command: str, input: Path, as_json: bool, quiet: bool, **options: Any) -> None:
     """Run convert or bake with a progress bar, then print its report."""
-    from .operations import parse_size
+    from dataclasses import replace
 
-    shard = None if max_shard_size is None else parse_size(max_shard_size)
+    from .files.convert import Io, Options, bake_file, convert_file
+
+    io = ctx.obj if isinstance(ctx.obj, Io) else Io()
     with console.progress(not (quiet or as_json), "converting" if command == "convert" else "baking") as progress:
-        report = operation(source, output, dry_run=dry_run, force=force, trust_pickle=trust_pickle,
-                           max_shard_size=shard, progress=progress, **options)  # fmt: skip
-    _print_report(command, report, as_json, dry_run)
+        chosen: Options = replace(Options(**options), progress=progress, io=io)
+        report = (convert_file if command == "convert" else bake_file)(input, chosen)
+    _print_report(command, report, as_json, chosen.dry_run)
 
 
-def _print_report(command: str, report: Any, as_json: bool, dry_run: bool) -> None:
+def _print_report(command: str, report: FileReport, as_json: bool, dry_run: bool) -> None:
+    from rich.markup import escape
+
     from . import render
 
     err = console.stderr()
     for warning in report.warnings:
-        err.print(f"[yellow]warning:[/] {escape(console.one_line(warning))}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(render.printable(warning))}", highlight=False)
     if as_json:
         typer.echo(json.dumps(render.file_report_json(command, report, dry_run), indent=2))
         return
@@ -117,7 +151,7 @@ InputArg = Annotated[
 OutputOpt = Annotated[
     Path | None, typer.Option("-o", "--output", help="Output file (default: next to the input).", show_default=False)
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of a table.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would change; write nothing.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")]
@@ -133,9 +167,10 @@ TrustOpt = Annotated[
 
 @app.command()
 def convert(
+    ctx: typer.Context,
     input: InputArg,
     output: OutputOpt = None,
-    basis: Annotated[BasisChoice, typer.Option("--basis", help="Spectral basis.")] = BasisChoice.rfft,
+    basis: Annotated[str, typer.Option("--basis", metavar="[rfft|rdft]", help="Spectral basis.")] = "rfft",
     include: Annotated[
         list[str] | None, typer.Option("--include", help="Only layers whose name matches this glob (repeatable).")
     ] = None,
@@ -152,17 +187,16 @@ def convert(
     """Turn a checkpoint's conv kernels into spectral 'original' tensors, as torch.nn.utils.parametrize stores them."""
 
     def body() -> None:
-        from .operations import convert_file
-
-        options = {"basis": basis.value, "include": include, "exclude": exclude}
-        _transform("convert", convert_file, input, output, options, dry_run, force, as_json, quiet, max_shard_size,
-                   trust_pickle)  # fmt: skip
+        _transform(ctx, "convert", input, as_json, quiet, output=output, basis=_basis(basis), include=include,
+                   exclude=exclude, dry_run=dry_run, force=force, trust_pickle=trust_pickle,
+                   max_shard_size=parse_size(max_shard_size))  # fmt: skip
 
     console.run(as_json, body, input)
 
 
 @app.command()
 def bake(
+    ctx: typer.Context,
     input: InputArg,
     output: OutputOpt = None,
     kernel_size: Annotated[
@@ -180,12 +214,11 @@ def bake(
 
     def body() -> None:
         from .errors import AmbiguousKernelSizeError
-        from .operations import bake_file
 
-        options = {"kernel_size": _parse_kernel_size(kernel_size)}
         try:
-            _transform("bake", bake_file, input, output, options, dry_run, force, as_json, quiet, max_shard_size,
-                       trust_pickle)  # fmt: skip
+            _transform(ctx, "bake", input, as_json, quiet, output=output, kernel_size=parse_kernel_size(kernel_size),
+                       dry_run=dry_run, force=force, trust_pickle=trust_pickle,
+                       max_shard_size=parse_size(max_shard_size))  # fmt: skip
         except AmbiguousKernelSizeError as e:
             if "--kernel-size" in str(e):
                 raise
@@ -214,7 +247,7 @@ def inspect(
 
     def body() -> None:
         from . import render
-        from .inspection import inspect_file
+        from .files.inspect import inspect_file
 
         report = inspect_file(input, include_spatial=all_layers, trust_pickle=trust_pickle, energy=energy)
         if as_json:

@@ -1,15 +1,25 @@
-"""How a command of the ``spectral`` line talks: its consoles, its errors as one line and an exit code, its
-progress bar. The command line (:mod:`spectral_cli.cli`) runs each command body through :func:`run`.
+"""How a command of the ``spectral`` line talks and ends: its consoles, its errors as one line and an exit code,
+the signals that stop it, its progress bar. The command line (:mod:`spectral_cli.cli`) runs each command body
+through :func:`run`.
 
-A :class:`~spectral_cli.errors.SpectralError` prints ``error: <its message>`` and exits with its code; a refused
-write (``OSError``) exits 1; an allocation refused anywhere is said as out of memory (exit 1); anything else is an
-internal error (exit 1, ``SPECTRAL_DEBUG=1`` shows the traceback). Ctrl-C exits 130. No traceback otherwise.
+A :class:`~spectral_cli.errors.SpectralError` prints ``error: <its message>`` and exits with its code (the table
+is :data:`spectral_cli.errors.EXIT_CODES`); a refused write exits 1; an allocation refused anywhere is said as out
+of memory (exit 1); anything else is an internal error (exit 1, ``SPECTRAL_DEBUG=1`` shows the traceback).
+
+Every catchable signal that would end the process (Ctrl-C, ``SIGTERM``, ``SIGHUP``, ``SIGQUIT``...) is turned
+into an exception while a command runs, so that its temporary files are removed on the way out; it then exits
+``128 + signal``. A signal that comes while the output is being renamed into place waits until that is done.
+``SIGXFSZ`` is ignored, so that a write past ``ulimit -f`` fails as a write (exit 1) instead of killing the
+process. Everything printed from a file goes through :func:`~spectral_cli.render.printable`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +29,8 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from .render import printable
 
 
 def stdout() -> Console:
@@ -31,66 +43,103 @@ def stderr() -> Console:
     return Console(stderr=True, soft_wrap=True)
 
 
-#: control characters (newlines, terminal escapes) shown as Python escapes, so that a hostile file or key name
-#: can neither split an error into several lines nor send escape sequences to the terminal
-CONTROL = {c: repr(chr(c))[1:-1] for c in (*range(32), 127)}
+class Interrupted(KeyboardInterrupt):
+    """A signal stopped the command (a KeyboardInterrupt, so that code which cleans up after Ctrl-C does)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        name = signal.Signals(self.signum).name
+        return "SIGINT (Ctrl-C)" if name == "SIGINT" else name
 
 
-def one_line(text: str) -> str:
-    """``text`` with its control characters escaped: one line, no terminal escapes.
+#: signals whose default is to end the process: each stops the command cleanly instead
+STOPPING = tuple(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGXCPU", "SIGVTALRM")
+    if hasattr(signal, name)
+)
 
-    Example:
-        >>> one_line("a.pt\\nerror: fake")
-        'a.pt\\\\nerror: fake'
-    """
-    return text.translate(CONTROL)
+
+@contextmanager
+def stopping_signals() -> Iterator[list[int]]:
+    """While the block runs, each of :data:`STOPPING` raises :class:`Interrupted` (after an output's rename, if one
+    is under way; such signals are listed in the list yielded); ``SIGXFSZ`` is ignored. Restored after."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from there
+        yield []
+        return
+    from .files.atomic import committing
+
+    deferred: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if committing():
+            deferred.append(signum)
+            return
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOPPING}
+    if hasattr(signal, "SIGXFSZ"):
+        previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield deferred
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _fail(as_json: bool, message: str, code: int, label: str = "error") -> typer.Exit:
+    if as_json:
+        typer.echo(json.dumps({"schema": 1, "error": printable(message), "exit_code": code}))
+    stderr().print(f"[bold red]{label}:[/] {escape(printable(message))}", highlight=False)
+    return typer.Exit(code)
 
 
 def run(as_json: bool, body: Callable[[], Any], source: Path) -> Any:
-    """Run a command body; turn our errors into one line and an exit code."""
+    """Run a command body; turn our errors and stopping signals into one line and an exit code."""
     from .errors import OOM_FIX, OutOfMemoryError, SpectralError, first_line, is_out_of_memory
 
+    debug = bool(os.environ.get("SPECTRAL_DEBUG"))
     try:
-        try:
-            return body()
-        except Exception as e:  # an allocation refused anywhere: the machine's limit, said as such
-            if isinstance(e, SpectralError) or not is_out_of_memory(e):
-                raise
-            message = f"{source}: out of memory ({first_line(e)}); no output was written; {OOM_FIX}"
-            raise OutOfMemoryError(message) from None
+        with stopping_signals() as deferred:
+            try:
+                result = body()
+            except Exception as e:  # an allocation refused anywhere: the machine's limit, said as such
+                if isinstance(e, SpectralError) or not is_out_of_memory(e):
+                    raise
+                message = f"{source}: out of memory ({first_line(e)}); no output was written; {OOM_FIX}"
+                raise OutOfMemoryError(message) from None
+        if deferred:
+            name = Interrupted(deferred[0]).name
+            raise _fail(as_json, f"stopped by {name} after the output was written", 128 + deferred[0])
+        return result
     except SpectralError as e:
-        if os.environ.get("SPECTRAL_DEBUG"):
+        if debug:
             raise
-        if as_json:
-            typer.echo(json.dumps({"schema": 1, "error": str(e), "exit_code": e.exit_code}))
-        stderr().print(f"[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, markup=True)
-        raise typer.Exit(e.exit_code) from None
+        raise _fail(as_json, str(e), e.exit_code) from None
     except (typer.Exit, typer.Abort):
         raise
-    except KeyboardInterrupt:
-        stderr().print("interrupted; no output was written", highlight=False)
-        raise typer.Exit(130) from None
-    except OSError as e:  # the system refused a write (disk full, no permission): not our bug
-        if os.environ.get("SPECTRAL_DEBUG"):
+    except Interrupted as e:
+        raise _fail(as_json, f"stopped by {e.name}; no half-written output is left", 128 + e.signum) from None
+    except KeyboardInterrupt:  # outside the main thread: no handlers, Python's own Ctrl-C
+        raise _fail(as_json, "stopped by SIGINT (Ctrl-C); no half-written output is left", 130) from None
+    except BrokenPipeError:  # the reader of stdout went away (| head): stop quietly, as other tools do
+        sys.stdout = open(os.devnull, "w")  # Python flushes stdout at exit: into nothing now
+        raise typer.Exit(128 + 13) from None
+    except OSError as e:  # the system refused something we did not wrap: not our bug
+        if debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        message = f"{where}{e.strerror or e}; no output was written"
-        if as_json:
-            typer.echo(json.dumps({"schema": 1, "error": message, "exit_code": 1}))
-        stderr().print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False)
-        raise typer.Exit(1) from None
+        raise _fail(as_json, f"{where}{e.strerror or e}; no output was written", 1) from None
     except Exception as e:
-        if os.environ.get("SPECTRAL_DEBUG"):
+        if debug:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        if as_json:
-            typer.echo(json.dumps({"schema": 1, "error": f"{type(e).__name__}: {first}", "exit_code": 1}))
-        stderr().print(
-            f"[bold red]internal error:[/] {type(e).__name__}: {escape(one_line(first))} "
-            "(set SPECTRAL_DEBUG=1 for the traceback)",
-            highlight=False,
-        )
-        raise typer.Exit(1) from None
+        message = f"{type(e).__name__}: {first} (set SPECTRAL_DEBUG=1 for the traceback)"
+        raise _fail(as_json, message, 1, "internal error") from None
 
 
 #: seconds of work before a progress bar appears (a quick command shows none)

@@ -1,13 +1,30 @@
-"""The one exception type of spectral_cli.
+"""The one exception type of spectral_cli, and the exit codes of the command line.
 
-Every error the library raises for a caller's mistake is a :class:`SpectralError`, whose message states the
-rule, the offending value and the fix, in one line. The command line prints that line and exits with
-``exit_code``; it never shows a traceback for one.
+Every error the library raises for a caller's mistake, an input it cannot use or a write the system refused is a
+:class:`SpectralError`, whose message states the rule, the offending value and the fix, in one line. The command
+line prints that line and exits with ``exit_code``; it never shows a traceback for one. :data:`EXIT_CODES` is
+the one table of those codes (the README's table is checked against it).
 """
 
 from __future__ import annotations
 
 import errno
+
+#: every exit status of ``spectral``, and what it means
+EXIT_CODES: dict[str, str] = {
+    "0": "done (also: nothing left to convert, the input is already spectral)",
+    "1": "the system refused a write (disk full, permission denied, file too large) or memory (out of memory, or "
+    "of address space under `ulimit -v`), or an internal error (a bug: please report it; `SPECTRAL_DEBUG=1` shows "
+    "the traceback)",
+    "2": "usage error (bad option or value)",
+    "3": "input unreadable: missing, a directory, not a regular file, empty, truncated, damaged, lying about its "
+    "contents, changed while being read, not a checkpoint",
+    "4": "kernel size cannot be read from a record-less spectral tensor: pass `--kernel-size`",
+    "5": "refused: output exists (`--force`), output is or holds the input, pickled code (`--trust-pickle`), "
+    "TorchScript, values the output format cannot hold",
+    "6": "nothing to do: no convertible conv kernels / no spectral tensors",
+    "128+N": "stopped by signal N (130: Ctrl-C, 143: SIGTERM, 129: SIGHUP); temporary files are removed",
+}
 
 
 class SpectralError(ValueError):
@@ -47,6 +64,12 @@ class NothingToDoError(SpectralError):
     """The input holds nothing the command applies to."""
 
     exit_code = 6
+
+
+class OutputError(SpectralError):
+    """The system refused to write the output (disk full, permissions, an I/O error); nothing was written."""
+
+    exit_code = 1
 
 
 class OutOfMemoryError(SpectralError):

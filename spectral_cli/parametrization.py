@@ -16,7 +16,6 @@ Example (the seed package's README, with the import switched):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -25,18 +24,19 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .bases import (
+from .errors import SpectralError
+from .transform.bases import to_spectral
+from .transform.kernels import (
     DEFAULT_BASIS,
     Basis,
     check_basis,
     check_kernel_size,
-    compute_dtype,
-    matrices,
-    to_spectral,
+    glob_patterns,
+    selected,
+    why_not_convertible,
 )
-from .errors import SpectralError
-from .layout import MASKED_REASON, glob_patterns, selected
-from .synthesis import apply_synthesis
+from .transform.matrices import compute_dtype, matrices
+from .transform.synthesis import apply_synthesis
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
@@ -161,24 +161,20 @@ def _plan_register(
             continue
         weight = cast(torch.Tensor, m.weight)
         kernel_size = cast(tuple[int, ...], m.kernel_size)
-        if not selected(name, include, exclude):
-            reason = "excluded"
-        elif spectral_parametrization_of(m) is not None:
-            reason = "already spectral"
-        elif parametrize.is_parametrized(m, "weight"):
+        chosen = selected(name, include, exclude)
+        if chosen and spectral_parametrization_of(m) is not None:
+            reason: str | None = "already spectral"
+        elif chosen and parametrize.is_parametrized(m, "weight"):
             reason = "weight has another parametrization"
-        elif isinstance(weight, nn.parameter.UninitializedParameter):
+        elif chosen and isinstance(weight, nn.parameter.UninitializedParameter):
             reason = "lazy module not initialized"
-        elif math.prod(kernel_size) == 1:
-            reason = "1x1 kernel"
-        elif _is_masked(m, weight):
-            reason = MASKED_REASON
-        elif not weight.is_floating_point():
-            reason = f"not a float weight ({weight.dtype})"
         else:
+            dtype = str(weight.dtype).removeprefix("torch.")
+            reason = why_not_convertible(kernel_size, dtype, masked=_is_masked(m, weight), selected=chosen)
+        if reason is None:
             todo.append((name, m))
-            continue
-        skipped.append((name, reason))
+        else:
+            skipped.append((name, reason))
     return todo, skipped
 
 

@@ -25,6 +25,7 @@ Errors print ``{"schema": 1, "error": str, "exit_code": int}`` on stdout with ``
 from __future__ import annotations
 
 import math
+import unicodedata
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -32,10 +33,29 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from .inspection import InspectReport
-    from .report import FileReport
+    from .files.convert import FileReport
+    from .files.inspect import InspectReport
 
 SCHEMA = 1
+
+#: categories of characters that are never printed as they are: controls (C0, C1, DEL), format characters (bidi
+#: overrides, zero-width), line and paragraph separators, and the lone surrogates of undecodable file names
+_UNPRINTABLE = ("Cc", "Cf", "Zl", "Zp", "Cs")
+
+
+def printable(text: object) -> str:
+    """``text`` with every character a terminal would act on shown as a Python escape: whatever a file or a key
+    name holds, it is printed on one line, as text, and cannot move the cursor, recolour or retitle the terminal.
+
+    Example:
+        >>> printable("conv\\x1b[2J.weight\\nfake line \\u202eevil")
+        'conv\\\\x1b[2J.weight\\\\nfake line \\\\u202eevil'
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _UNPRINTABLE else c for c in text)
+
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -56,9 +76,14 @@ def _error(value: float) -> str:
     return f"{value:.1e}" if math.isfinite(value) else str(value)
 
 
+def _text(value: object) -> str:
+    """A cell or title from a file: printable, and never read as Rich markup."""
+    return escape(printable(value))
+
+
 def _where(location: str, name: str, show_location: bool) -> str:
-    """The layer cell, escaped: names and file paths are never read as Rich markup."""
-    return escape(f"{location}/{name}" if location and show_location else name or "(root)")
+    """The layer cell: names and file paths are printable and never read as Rich markup."""
+    return _text(f"{location}/{name}" if location and show_location else name or "(root)")
 
 
 def _module_of(key: str) -> str:
@@ -70,7 +95,7 @@ def _module_of(key: str) -> str:
 
 
 def _table(title: str, columns: tuple[str, ...], right: tuple[str, ...]) -> Table:
-    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=_text(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in columns:
         table.add_column(column, justify="right" if column in right else "left", overflow="fold")
     return table
@@ -132,13 +157,13 @@ def file_report_table(command: str, report: FileReport) -> Table:
             kind,
             _dims(c.kernel_size),
             f"{_dims(c.shape_before)} -> {_dims(c.shape_after)}",
-            c.dtype,
+            _text(c.dtype),
             params,
             _error(c.max_error),
         )
     for loc, s in report.skipped:
         name = _module_of(s.key)
-        table.add_row(_where(loc, name, several), f"[dim]skipped: {escape(s.reason)}[/dim]", "", "", "", "", "")
+        table.add_row(_where(loc, name, several), f"[dim]skipped: {_text(s.reason)}[/dim]", "", "", "", "", "")
     return table
 
 
@@ -146,7 +171,8 @@ def file_report_summary(command: str, report: FileReport) -> str:
     verb = "converted" if command == "convert" else "baked"
     errors = [c.max_error for _, c in report.changed]
     worst = _error(max(errors)) if errors and all(math.isfinite(e) for e in errors) else "n/a"
-    where = f"wrote {report.target}" if report.written else f"dry run, would write {report.target}"
+    target = printable(report.target)
+    where = f"wrote {target}" if report.written else f"dry run, would write {target}"
     return f"{verb} {len(report.changed)} layers, skipped {len(report.skipped)}; max error {worst}; {where}"
 
 
@@ -197,7 +223,7 @@ def inspect_table(report: InspectReport) -> Table:
     for loc, info in report.layers:
         basis = (info.basis or "-") + (" (inferred)" if info.inferred else "")
         row = [_where(loc, info.name, several), info.domain, basis, _dims(info.kernel_size), _dims(info.shape),
-               info.dtype, f"{info.params:,}"]  # fmt: skip
+               _text(info.dtype), f"{info.params:,}"]  # fmt: skip
         if report.energy:
             energy = report.energy.get((loc, info.key))
             row.append(sparkline(energy) if energy else "")

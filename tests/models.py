@@ -6,12 +6,14 @@ imports that script by its path.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
 import math
+import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,6 +22,8 @@ import torch
 from typer.testing import CliRunner, Result
 
 from spectral_cli.cli import app
+from spectral_cli.files.convert import Io
+from spectral_cli.files.syscalls import SYSCALLS
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = REPO / "sample_models"
@@ -73,9 +77,84 @@ class Evil:
         return (open, (str(self.marker), "w"))
 
 
-def spectral(*args: Any, env: Mapping[str, str | None] | None = None) -> Result:
-    """Run the ``spectral`` app in-process; unexpected exceptions propagate (they are bugs)."""
-    return CliRunner().invoke(app, [str(a) for a in args], env={**ENV, **(env or {})}, catch_exceptions=False)
+# ---- faults: system calls that fail, passed to convert and bake through Io (the CLI's context object) ----------
+
+
+def faulty(**calls: Any) -> Io:
+    """An :class:`Io` whose named system calls are replaced (``pwrite=...``, ``fdatasync=...``, ``writeback_bytes``
+    and ``slab_bytes`` too)."""
+    sizes = {k: calls.pop(k) for k in ("writeback_bytes", "slab_bytes") if k in calls}
+    return Io(syscalls=dataclasses.replace(SYSCALLS, **calls), **sizes)
+
+
+def raising(error: BaseException) -> Callable[[], None]:
+    def fail() -> None:
+        raise error
+
+    return fail
+
+
+def signal_self(signum: int) -> Callable[[], None]:
+    """A real signal to this process: its handler runs (and raises) as soon as the call returns."""
+    return lambda: os.kill(os.getpid(), signum)
+
+
+def failing_pwrite(after: int, fail: Callable[[], None]) -> Callable[[int, Any, int], int]:
+    """``os.pwrite`` that writes ``after`` bytes in all, then part of the next call's bytes, then ``fail()``s."""
+    written = 0
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        nonlocal written
+        view = memoryview(data).cast("B")
+        if written + len(view) <= after:
+            n = os.pwrite(fd, view, offset)
+            written += n
+            return n
+        room = os.pwrite(fd, view[: max(0, after - written)], offset) if after > written else 0
+        written += room
+        fail()
+        return room
+
+    return pwrite
+
+
+def corrupting_pwrite(minimum: int = 4096) -> Callable[[int, Any, int], int]:
+    """``os.pwrite`` that flips the last byte of the first write of at least ``minimum`` bytes (a tensor's data),
+    silently: what the disk holds is not what was written."""
+    done = False
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        nonlocal done
+        view = memoryview(data).cast("B")
+        if not done and len(view) >= minimum:
+            done = True
+            changed = bytearray(view)
+            changed[-1] ^= 0xFF
+            return os.pwrite(fd, changed, offset)
+        return os.pwrite(fd, view, offset)
+
+    return pwrite
+
+
+def after_calls(n: int, real: Callable[..., Any], error: BaseException) -> Callable[..., Any]:
+    """``real`` for the first ``n`` calls; from then on the call is made, then ``error`` raised."""
+    calls = 0
+
+    def call(*args: Any) -> Any:
+        nonlocal calls
+        result = real(*args)
+        calls += 1
+        if calls > n:
+            raise error
+        return result
+
+    return call
+
+
+def spectral(*args: Any, env: Mapping[str, str | None] | None = None, io: Any = None) -> Result:
+    """Run the ``spectral`` app in-process; unexpected exceptions propagate (they are bugs). ``io``: a
+    :class:`spectral_cli.files.convert.Io` (the system calls and piece sizes of convert and bake)."""
+    return CliRunner().invoke(app, [str(a) for a in args], env={**ENV, **(env or {})}, catch_exceptions=False, obj=io)
 
 
 def sha256(path: Path) -> str:

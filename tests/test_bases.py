@@ -11,10 +11,11 @@ import math
 import pytest
 import torch
 
-import spectral_cli.bases as bases
+import spectral_cli.transform.bases as bases
 from spectral_cli import SpectralError
-from spectral_cli.bases import matrices, to_spatial, to_spectral
-from spectral_cli.synthesis import apply_synthesis
+from spectral_cli.transform.bases import to_spatial, to_spectral
+from spectral_cli.transform.matrices import matrices
+from spectral_cli.transform.synthesis import apply_synthesis
 
 CPU = torch.device("cpu")
 BASES = ("rfft", "rdft")

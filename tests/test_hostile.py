@@ -34,16 +34,27 @@ from typing import Any
 
 import pytest
 import torch
-from models import ENV, Evil, copy_samples, make_samples, one_line, parse_json, read, rel_err, spectral
+from models import (
+    ENV,
+    Evil,
+    after_calls,
+    copy_samples,
+    failing_pwrite,
+    faulty,
+    make_samples,
+    one_line,
+    parse_json,
+    raising,
+    read,
+    rel_err,
+    spectral,
+)
 from torch import nn
 from typer.testing import Result
 
-import spectral_cli.checkpoint as checkpoint
-import spectral_cli.formats as formats
-import spectral_cli.streamed as streamed
-import spectral_cli.writer as writer
 from spectral_cli import bake_state_dict
-from spectral_cli.operations import convert_file
+from spectral_cli.files.convert import Io, Options, convert_file
+from spectral_cli.files.syscalls import SYSCALLS
 
 MARKER = "pwned"
 
@@ -226,14 +237,14 @@ def _nan_weights(work: Path) -> Path:
 
 def _nan_spectral(work: Path) -> Path:
     torch.save(_nan_state(), work / "nan_src.pt")
-    convert_file(work / "nan_src.pt", work / "nan.spectral.pt")
+    convert_file(work / "nan_src.pt", Options(output=work / "nan.spectral.pt"))
     (work / "nan_src.pt").unlink()
     return work / "nan.spectral.pt"
 
 
 def _spectral_safetensors(work: Path) -> Path:
     copy_samples(work, ["balle.safetensors"])
-    convert_file(work / "balle.safetensors", work / "balle.spectral.safetensors")
+    convert_file(work / "balle.safetensors", Options(output=work / "balle.spectral.safetensors"))
     (work / "balle.safetensors").unlink()
     return work / "balle.spectral.safetensors"
 
@@ -274,70 +285,44 @@ def _control_characters(work: Path) -> Path:
     return work / "line\nbreak\x1b[2J.pt"
 
 
-# ---- faults injected while writing ----------------------------------------------------------------------------
+# ---- faults injected while writing, through the system calls of Io ------------------------------------------
 
-Fault = Callable[[pytest.MonkeyPatch, Path], None]
-
-
-def _disk_full_in_torch_save(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
-    real_save = torch.save
-
-    def half_then_fail(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(checkpoint.torch, "save", half_then_fail)
+#: ``fault(work)``: the Io of the run
+Fault = Callable[[Path], Io]
 
 
-def _after_calls(n: int, real: Callable[..., Any]) -> Callable[..., Any]:
-    """``real`` for the first ``n`` calls, then an I/O error after the call's bytes were written."""
-    calls = [0]
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        result = real(*args, **kwargs)
-        calls[0] += 1
-        if calls[0] > n:
-            raise OSError(5, "Input/output error")
-        return result
-
-    return wrapper
+def _disk_full(work: Path) -> Io:
+    return faulty(pwrite=failing_pwrite(20_000, raising(OSError(28, "No space left on device"))))
 
 
-def _io_error_in_write_tensor(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
-    monkeypatch.setattr(writer, "_write_tensor", _after_calls(1, writer._write_tensor))
+def _io_error_after_the_header(work: Path) -> Io:
+    return faulty(pwrite=failing_pwrite(3_000, raising(OSError(5, "Input/output error"))))
 
 
-def _io_error_in_copy_range(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
-    monkeypatch.setattr(writer, "_copy_range", _after_calls(2, writer._copy_range))
+def _io_error_in_copy_range(work: Path) -> Io:
+    assert SYSCALLS.copy_file_range is not None
+    return faulty(copy_file_range=after_calls(2, SYSCALLS.copy_file_range, OSError(5, "Input/output error")))
 
 
-def _io_error_in_background_writeback(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
+def _io_error_in_background_writeback(work: Path) -> Io:
     """The early fdatasync (on its own thread) fails: reported once by the kernel, so it must be raised by us."""
-    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 1)
-    monkeypatch.setattr(writer, "_DATASYNC", _after_calls(1, os.fsync))
+    return faulty(writeback_bytes=1, fdatasync=after_calls(1, os.fsync, OSError(5, "Input/output error")))
 
 
-def _read_only_directory(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
-    """``work/ro`` is made read-only; where that does not bind (root), creating files in it is refused instead."""
+def _read_only_directory(work: Path) -> Io:
+    """``work/ro`` is made read-only; where that does not bind (root), creating in it is refused instead."""
     readonly = work / "ro"
     readonly.chmod(0o555)
-    if not os.access(readonly, os.W_OK):
-        return
-    real_mkstemp, real_mkdtemp = formats.tempfile.mkstemp, streamed.tempfile.mkdtemp
 
     def refuse(real: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            where = Path(kwargs.get("dir") or ".").resolve()
-            if where == readonly.resolve():
-                raise PermissionError(13, "Permission denied", str(where))
-            return real(*args, **kwargs)
+        def call(path: Path, *args: Any) -> Any:
+            if Path(path).parent.resolve() == readonly.resolve():
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *args)
 
         return call
 
-    monkeypatch.setattr(formats.tempfile, "mkstemp", refuse(real_mkstemp))
-    monkeypatch.setattr(streamed.tempfile, "mkdtemp", refuse(real_mkdtemp))
+    return faulty(open=refuse(SYSCALLS.open), mkdir=refuse(SYSCALLS.mkdir))
 
 
 def _with_readonly_dir(build: Callable[[Path], Path]) -> Callable[[Path], Path]:
@@ -519,28 +504,28 @@ KINDS: dict[str, Kind] = {
         _sample("balle.pt"),
         {"convert": 1},
         args={"convert": ["-o", "{out}/out.pt"]},
-        fault=_disk_full_in_torch_save,
+        fault=_disk_full,
         says="No space left",
     ),
     "disk-full-in-torch-save-bake": Kind(
         _sample("balle.spectral.pt"),
         {"bake": 1},
         args={"bake": ["-o", "{out}/out.pt"]},
-        fault=_disk_full_in_torch_save,
+        fault=_disk_full,
         says="No space left",
     ),
     "io-error-streaming-a-converted-tensor": Kind(
         _sample("balle.safetensors"),
         {"convert": 1},
         args={"convert": ["-o", "{out}/out.safetensors"]},
-        fault=_io_error_in_write_tensor,
+        fault=_io_error_after_the_header,
         says="Input/output error",
     ),
     "io-error-streaming-a-baked-tensor": Kind(
         _spectral_safetensors,
         {"bake": 1},
         args={"bake": ["-o", "{out}/out.safetensors"]},
-        fault=_io_error_in_write_tensor,
+        fault=_io_error_after_the_header,
         says="Input/output error",
     ),
     "io-error-copying-an-untouched-tensor": Kind(
@@ -561,7 +546,7 @@ KINDS: dict[str, Kind] = {
         _sample("balle.safetensors"),
         {"convert": 1},
         args={"convert": ["-o", "{out}/shards", "--max-shard-size", "40KB"]},
-        fault=_io_error_in_write_tensor,
+        fault=_io_error_after_the_header,
         says="Input/output error",
     ),
     "control-characters-in-the-name": Kind(_control_characters, _codes(3), says="line\\nbreak\\x1b[2J"),
@@ -589,16 +574,15 @@ def _check(kind: Kind, code: int, returncode: int, stdout: str, stderr: str) -> 
 
 
 @pytest.mark.parametrize(("name", "command"), MATRIX, ids=[f"{k}-{c}" for k, c in MATRIX])
-def test_hostile_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, command: str) -> None:
+def test_hostile_input(tmp_path: Path, name: str, command: str) -> None:
     kind = KINDS[name]
     work = tmp_path / "work"
     work.mkdir()
     source = kind.build(work)
     before = snapshot(work)
-    if kind.fault is not None:
-        kind.fault(monkeypatch, work)
+    io = kind.fault(work) if kind.fault is not None else None
     try:
-        result = spectral(*_args(kind, command, source, work))
+        result = spectral(*_args(kind, command, source, work), io=io)
     finally:
         if (work / "ro").exists():
             (work / "ro").chmod(0o755)
@@ -727,10 +711,10 @@ def test_a_torch_with_known_weights_only_holes_is_refused(tmp_path: Path, monkey
     """pip's torch>=2.10 can be bypassed (--no-deps, an older environment): loading is refused at run time too."""
     work = copy_samples(tmp_path, ["balle.pt"])
     before = snapshot(work)
-    monkeypatch.setattr(checkpoint.torch, "__version__", "2.9.1+cu128")
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
     result = spectral("convert", work / "balle.pt")
     assert result.exit_code == 5
     assert "torch>=2.10" in one_line(result.stderr)
     assert snapshot(work) == before
-    monkeypatch.setattr(checkpoint.torch, "__version__", "2.10.0a0+git1234")  # a 2.10 nightly is fine
+    monkeypatch.setattr(torch, "__version__", "2.10.0a0+git1234")  # a 2.10 nightly is fine
     assert spectral("inspect", work / "balle.pt").exit_code == 0

@@ -1,7 +1,9 @@
-"""Streaming safetensors: the same bits as the in-memory path, sharded input and output, progress, start-up.
+"""Streaming safetensors: the same bits as the library's in-memory functions, sharded input and output,
+progress, start-up.
 
-Nothing here is timed (the figures are in ``benchmarks/``). The streamed convert splits each kernel into slabs
-of rows; the slab size is made tiny here so that every tensor is cut many times, at ragged boundaries.
+Nothing here is timed (the figures are in ``benchmarks/``). Convert splits each kernel into slabs of rows; the
+slab size is made tiny here (through :class:`~spectral_cli.files.convert.Io`, the seam every run here gets) so
+that every tensor is cut many times, at ragged boundaries.
 """
 
 from __future__ import annotations
@@ -19,28 +21,48 @@ from typing import Any
 
 import pytest
 import torch
-from models import listing, one_line, spectral
+from models import listing, one_line
+from models import spectral as _spectral
 from safetensors.torch import load_file, save_file
 
-import spectral_cli.bases as bases
 import spectral_cli.console as console
-import spectral_cli.slabs as slabs
-import spectral_cli.stream as stream
-import spectral_cli.writer as writer
-from spectral_cli.layout import METADATA_KEY, records_from_json
-from spectral_cli.operations import bake_file, convert_file
-from spectral_cli.surgery import LayerChange, bake_state_dict, convert_state_dict
+import spectral_cli.files.safetensors_io as safetensors_io
+import spectral_cli.transform.bases as bases
+from spectral_cli.files.atomic import Output
+from spectral_cli.files.convert import FileReport, Io, Options
+from spectral_cli.files.convert import bake_file as _bake_file
+from spectral_cli.files.convert import convert_file as _convert_file
+from spectral_cli.files.syscalls import SYSCALLS
+from spectral_cli.statedict.records import METADATA_KEY, parse_records
+from spectral_cli.statedict.surgery import LayerChange, bake_state_dict, convert_state_dict
 
 SUFFIX = "parametrizations.weight.original"
 
+#: slabs of a few runs, so that small tensors are split many times; early writeback every kilobyte
+TINY = Io(slab_bytes=200, writeback_bytes=1000)
+
 
 @pytest.fixture(autouse=True)
-def _tiny_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Slabs of a few runs and runs of a few kernels, so that small tensors are split many times; early
-    writeback every kilobyte."""
-    monkeypatch.setattr(slabs, "SLAB_BYTES", 200)
+def _tiny_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of a few kernels (the chunk of the bases' products), so that slabs end anywhere."""
     monkeypatch.setattr(bases, "CHUNK_TAPS", 40)
-    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 1000)  # the background fdatasync runs while writing
+
+
+def convert_file(source: Path, output: Path, io: Io = TINY, **options: Any) -> FileReport:
+    return _convert_file(source, Options(output=output, io=io, **options))
+
+
+def bake_file(source: Path, output: Path, io: Io = TINY, **options: Any) -> FileReport:
+    return _bake_file(source, Options(output=output, io=io, **options))
+
+
+def spectral(*args: Any) -> Any:
+    return _spectral(*args, io=TINY)
+
+
+def with_syscalls(**calls: Any) -> Io:
+    """:data:`TINY` with some system calls replaced."""
+    return replace(TINY, syscalls=replace(SYSCALLS, **calls))
 
 
 def _state_dict() -> dict[str, torch.Tensor]:
@@ -99,7 +121,7 @@ def _records(path: Path) -> dict[str, Any]:
     with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
         meta = dict(f.metadata() or {})
     assert meta.get("format") == "pt"
-    return records_from_json(json.loads(meta[METADATA_KEY])) if METADATA_KEY in meta else {}
+    return parse_records(meta.get(METADATA_KEY), str(path))
 
 
 @pytest.fixture
@@ -136,12 +158,11 @@ def test_streamed_convert_and_bake_give_the_bits_of_the_in_memory_path(checkpoin
     assert_same_errors(report.changed, expected_bake.changed)
 
 
-def test_slab_size_does_not_change_the_bits(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slab_size_does_not_change_the_bits(checkpoint: Path) -> None:
     outputs = []
     for size in (36, 200, 4096, 1 << 30):
-        monkeypatch.setattr(slabs, "SLAB_BYTES", size)
         out = checkpoint.with_name(f"slab{size}.safetensors")
-        convert_file(checkpoint, out)
+        convert_file(checkpoint, out, replace(TINY, slab_bytes=size))
         outputs.append(out.read_bytes())
     assert all(o == outputs[0] for o in outputs)
 
@@ -177,33 +198,29 @@ def test_streaming_needs_no_numpy_and_restores_torch_threads(checkpoint: Path, m
     assert out.read_bytes() == reference.read_bytes()
 
 
-def test_reads_without_preadv_give_the_same_file(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reads_without_preadv_give_the_same_file(checkpoint: Path) -> None:
     """Where the system has no preadv (Windows), tensors are read by seek and read under a lock."""
     reference = checkpoint.with_name("reference.safetensors")
     convert_file(checkpoint, reference)
-    monkeypatch.setattr(stream, "_PREADV", None)
     out = checkpoint.with_name("seek.safetensors")
-    convert_file(checkpoint, out)
+    no_preadv = with_syscalls(preadv=None)
+    convert_file(checkpoint, out, no_preadv)
     assert out.read_bytes() == reference.read_bytes()
-    bake_file(out, checkpoint.with_name("seek.baked.safetensors"))
+    bake_file(out, checkpoint.with_name("seek.baked.safetensors"), no_preadv)
 
 
-@pytest.mark.parametrize("copy", ["kernel", "fallback", "none"])
-def test_untouched_tensors_are_copied_byte_for_byte(
-    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, copy: str
-) -> None:
+def _refuse_copy(*args: Any) -> int:
+    raise OSError(18, "Invalid cross-device link")
+
+
+@pytest.mark.parametrize("copy", [SYSCALLS.copy_file_range, _refuse_copy, None], ids=["kernel", "fallback", "none"])
+def test_untouched_tensors_are_copied_byte_for_byte(checkpoint: Path, copy: Any) -> None:
+    """In the kernel (copy_file_range), by hand where it is refused (another file system, an old kernel: EXDEV),
+    or where the system has none."""
     reference = checkpoint.with_name("reference.safetensors")
     convert_file(checkpoint, reference)
-    if copy == "fallback":  # copy_file_range refused (another file system, an old kernel): read and write
-
-        def refuse(*args: Any) -> int:
-            raise OSError(18, "Invalid cross-device link")
-
-        monkeypatch.setattr(writer, "_COPY_FILE_RANGE", refuse)
-    elif copy == "none":
-        monkeypatch.setattr(writer, "_COPY_FILE_RANGE", None)
-    out = checkpoint.with_name(f"{copy}.safetensors")
-    convert_file(checkpoint, out)
+    out = checkpoint.with_name("out.safetensors")
+    convert_file(checkpoint, out, with_syscalls(copy_file_range=copy))
     assert out.read_bytes() == reference.read_bytes()
     got, original = load_file(str(out)), load_file(str(checkpoint))
     for key in ("stem.bias", "proj.weight", "head.weight", "steps", "mask"):
@@ -216,16 +233,24 @@ def test_untouched_tensors_are_copied_byte_for_byte(
     ids=["gap", "overlap", "short", "outside"],
 )
 def test_pieces_that_do_not_cover_the_tensor_are_refused(tmp_path: Path, pieces: list[tuple[int, int, int]]) -> None:
-    from spectral_cli.errors import CheckpointError
-    from spectral_cli.layout import TensorSpec
+    from spectral_cli.statedict.keys import TensorSpec
 
     data = torch.arange(8, dtype=torch.float32)
     specs = {"w": TensorSpec((8,), "float32")}
     target = tmp_path / "out.safetensors"
-    with pytest.raises(CheckpointError, match="w: "):
-        writer.write_stream(target, specs, {}, lambda name: iter([(o, data[a:b]) for o, a, b in pieces]))
+
+    def write(given: list[tuple[int, int, int]]) -> None:
+        def produce(name: str) -> Iterator[tuple[int, torch.Tensor]]:
+            yield from [(o, data[a:b]) for o, a, b in given]
+
+        with Output(target) as out:
+            safetensors_io.write_safetensors(out.file(), specs, {}, produce)
+            out.commit()
+
+    with pytest.raises(ValueError, match="w: "):
+        write(pieces)
     assert listing(tmp_path) == []
-    writer.write_stream(target, specs, {}, lambda name: iter([(16, data[4:]), (0, data[:4])]))  # any order
+    write([(16, 4, 8), (0, 0, 4)])  # any order
     assert torch.equal(load_file(str(target))["w"], data)
 
 
@@ -524,15 +549,12 @@ def _no_stray_threads() -> Iterator[None]:
     assert not [t for t in threading.enumerate() if t.name.startswith("spectral")]
 
 
-def test_synced_while_writing_and_the_same_file(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_synced_while_writing_and_the_same_file(checkpoint: Path) -> None:
     reference = checkpoint.with_name("reference.safetensors")
-    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 1 << 40)
-    convert_file(checkpoint, reference)
+    convert_file(checkpoint, reference, replace(TINY, writeback_bytes=1 << 40))
     calls: list[int] = []
-    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 1000)
-    monkeypatch.setattr(writer, "_DATASYNC", lambda fd: calls.append(fd) or os.fsync(fd))
     early = checkpoint.with_name("early.safetensors")
-    convert_file(checkpoint, early)
+    convert_file(checkpoint, early, with_syscalls(fdatasync=lambda fd: calls.append(fd) or os.fsync(fd)))
     assert len(calls) >= 2
     assert early.read_bytes() == reference.read_bytes()
 
@@ -543,14 +565,14 @@ def test_without_a_thread_for_early_writeback_the_file_is_still_written(
     """Under a tight address-space cap a new thread may not start: writing goes on, the final fsync does it all."""
     reference = checkpoint.with_name("reference.safetensors")
     convert_file(checkpoint, reference)
-    started = writer.threading.Thread.start
+    started = safetensors_io.threading.Thread.start
 
     def refuse(thread: Any) -> None:
         if thread.name == "spectral-writeback":
             raise RuntimeError("can't start new thread")
         started(thread)
 
-    monkeypatch.setattr(writer.threading.Thread, "start", refuse)
+    monkeypatch.setattr(safetensors_io.threading.Thread, "start", refuse)
     capped = checkpoint.with_name("capped.safetensors")
     assert spectral("convert", capped.with_name(checkpoint.name), "-o", capped).exit_code == 0
     assert capped.read_bytes() == reference.read_bytes()

@@ -24,7 +24,9 @@ from spectral_cli import (
     describe_state_dict,
     register_spectral_parametrization,
 )
-from spectral_cli.surgery import METADATA_KEY, LayerRecord, infer_kernel_size, records_of
+from spectral_cli.statedict.keys import infer_kernel_size
+from spectral_cli.statedict.records import METADATA_KEY, LayerRecord
+from spectral_cli.statedict.surgery import records_of
 
 BASES = ("rfft", "rdft")
 SUFFIX = "parametrizations.weight.original"

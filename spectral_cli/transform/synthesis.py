@@ -1,13 +1,14 @@
 """The forward of a registered conv: spectral coefficients to spatial kernels as one product over all kernels.
 
 :func:`apply_synthesis` is what :class:`~spectral_cli.parametrization.SpectralParametrization` runs on every
-forward pass. Unlike :func:`~spectral_cli.bases.to_spatial` it takes no runs (one product, so its last bits may
-differ from ``to_spatial``'s on tensors of more than :func:`~spectral_cli.bases.chunk_rows` kernels) and the
-rfft product has a backward of its own.
+forward pass. Unlike :func:`~spectral_cli.transform.bases.to_spatial` it takes no runs (one product, so its last
+bits may differ from ``to_spatial``'s on tensors of more than :func:`~spectral_cli.transform.bases.chunk_rows`
+kernels) and the rfft product has a backward of its own.
 
 Example:
     >>> import torch
-    >>> from spectral_cli.bases import matrices, to_spectral
+    >>> from spectral_cli.transform.bases import to_spectral
+    >>> from spectral_cli.transform.matrices import matrices
     >>> w = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     >>> x = to_spectral(w, (3, 3))
     >>> s = matrices("rfft", (3, 3), torch.float64, x.device).synthesis
@@ -22,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .bases import Basis, check_spectral
-from .layout import spectral_kernel_shape
+from .bases import check_spectral
+from .kernels import Basis, spectral_kernel_shape
 
 __all__ = ["apply_synthesis"]
 

@@ -1,4 +1,4 @@
-"""The matrices of the two bases (see :mod:`spectral_cli.bases` for the layouts they give).
+"""The matrices of the two bases (see :mod:`spectral_cli.transform.bases` for the layouts they give).
 
 Built in float64 from closed-form cosines and sines (independent of ``torch.fft``; the tests compare the two),
 then cached per basis, kernel size, dtype and device. Conventions (row vectors, one flattened kernel per row):
@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from .layout import DEFAULT_BASIS, Basis, check_basis, check_kernel_size, spectral_kernel_shape
+from .kernels import DEFAULT_BASIS, Basis, check_basis, check_kernel_size, spectral_kernel_shape
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
 

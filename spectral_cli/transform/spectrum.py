@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .bases import Basis, to_spatial, to_spectral
+from .bases import to_spatial, to_spectral
+from .kernels import Basis
 
 
 def _axis_frequency(n: int, half: bool) -> torch.Tensor:

@@ -10,7 +10,7 @@
     ``X`` has the shape of ``W``.
 
 Both maps are linear, so each is applied as a matrix product over the flattened kernels, with the matrices of
-:mod:`spectral_cli.basis_matrices` (built in float64 from closed-form cosines and sines, cached per basis,
+:mod:`spectral_cli.transform.matrices` (built in float64 from closed-form cosines and sines, cached per basis,
 kernel size, dtype and device). Half-precision tensors are computed in float32 and cast back, so a tensor
 keeps its dtype.
 
@@ -24,7 +24,7 @@ Conventions (row vectors, one flattened kernel per row): ``spatial = spectral @ 
 
 Example:
     >>> import torch
-    >>> from spectral_cli.bases import to_spectral, to_spatial
+    >>> from spectral_cli.transform.bases import to_spectral, to_spatial
     >>> w = torch.randn(8, 4, 3, 3)
     >>> x = to_spectral(w, (3, 3), "rfft")
     >>> tuple(x.shape)
@@ -42,40 +42,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .basis_matrices import Matrices, compute_dtype, matrices, row_matrices, row_width
-from .errors import SpectralError
-from .layout import (
-    BASES,
-    DEFAULT_BASIS,
-    Basis,
-    check_basis,
-    check_kernel_size,
-    spatial_shape,
-    spectral_kernel_shape,
-    spectral_shape,
-)
-
-__all__ = [
-    "BASES",
-    "DEFAULT_BASIS",
-    "ROW_MULTIPLE",
-    "Basis",
-    "Matrices",
-    "check_basis",
-    "check_kernel_size",
-    "check_spectral",
-    "chunk_rows",
-    "compute_dtype",
-    "matrices",
-    "row_matrices",
-    "row_width",
-    "spatial_shape",
-    "spectral_kernel_shape",
-    "spectral_rows",
-    "spectral_shape",
-    "to_spatial",
-    "to_spectral",
-]
+from ..errors import SpectralError
+from .kernels import DEFAULT_BASIS, Basis, check_basis, check_kernel_size, spectral_kernel_shape, spectral_shape
+from .matrices import compute_dtype, matrices, row_matrices, row_width
 
 #: kernel taps per run of a chunked product: 1 MiB of float32 rows
 CHUNK_TAPS = 1 << 18

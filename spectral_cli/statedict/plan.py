@@ -1,9 +1,10 @@
 """Plans over tensor specs: what convert or bake will do, from each tensor's name, shape and dtype alone.
 Imports no torch.
 
-A plan says which keys become which, with which shapes. :mod:`spectral_cli.surgery` executes plans on tensors;
-the streaming writers use them to lay out an output header before any data is read; ``spectral inspect`` uses
-them to list a safetensors file from its header alone.
+A plan says which keys become which, with which shapes. :mod:`.surgery` executes its steps on tensors; the
+safetensors writer lays out an output header from it before any data is read; ``spectral inspect`` lists a
+safetensors file from its header alone with :func:`describe`. Which kernels are converted is decided by one rule,
+:func:`~spectral_cli.transform.kernels.why_not_convertible`, the registrar's too.
 
 Example:
     >>> specs = {"conv.weight": TensorSpec((8, 3, 3, 3), "float32"), "conv.bias": TensorSpec((8,), "float32")}
@@ -17,37 +18,43 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
-from .errors import AmbiguousKernelSizeError, SpectralError
-from .layout import (
-    COMPLEX_DTYPES,
-    COMPRESSAI_SUFFIX,
+from ..errors import AmbiguousKernelSizeError, SpectralError
+from ..transform.kernels import (
     CONVERTIBLE_DTYPES,
     DEFAULT_BASIS,
-    MASKED_REASON,
-    SPECTRAL_SUFFIX,
     Basis,
-    LayerRecord,
-    TensorSpec,
     check_basis,
-    check_record,
     glob_patterns,
-    infer_kernel_size,
-    is_conv_kernel_key,
-    module_name,
     selected,
     spatial_shape,
     spectral_kernel_shape,
-    spectral_key,
     spectral_shape,
+    why_not_convertible,
+)
+from .keys import (
+    COMPLEX_DTYPES,
+    COMPRESSAI_SUFFIX,
+    SPECTRAL_SUFFIX,
+    TensorSpec,
+    infer_kernel_size,
+    is_conv_kernel_key,
+    mask_key,
+    module_name,
+    spectral_key,
     weight_key,
 )
+from .records import LayerRecord, check_record
 
 
 @dataclass(frozen=True)
 class Step:
-    """One tensor to convert or bake. ``complex_source`` marks CompressAI's complex ``weight_transformed``."""
+    """One tensor to convert or bake (``action``). ``dtype`` is the stored tensor's (for CompressAI's complex
+    ``weight_transformed``, marked ``complex_source``, that of its real and imaginary parts), ``out_dtype`` the
+    result's."""
 
+    action: Literal["convert", "bake"]
     name: str
     source_key: str
     target_key: str
@@ -112,24 +119,17 @@ def plan_convert(
         name = module_name(key, "weight")
         target = spectral_key(name)
         ks = tuple(spec.shape[2:])
-        if not selected(name, inc, exc):
-            reason = "excluded"
-        elif spec.kind != "dense":
-            reason = f"not a dense tensor ({spec.kind})"
-        elif spec.dtype not in CONVERTIBLE_DTYPES:
-            reason = f"not float ({spec.dtype})"
-        elif math.prod(ks) == 1:
-            reason = "1x1 kernel"
-        elif specs.get(f"{name}.mask" if name else "mask", None) == TensorSpec(spec.shape, spec.dtype):
-            reason = MASKED_REASON
-        elif target in specs:
-            raise SpectralError(f"{key} and {target} are both present: the state dict is half converted")
-        else:
-            shape_after = spectral_shape(spec.shape, ks, basis)
-            plan.steps.append(Step(name, key, target, basis, ks, spec.shape, shape_after, spec.dtype, spec.dtype))
-            plan.records[target] = LayerRecord(basis, ks, spec.dtype)
+        masked = specs.get(mask_key(name)) == TensorSpec(spec.shape, spec.dtype)
+        reason = why_not_convertible(ks, spec.dtype, kind=spec.kind, masked=masked, selected=selected(name, inc, exc))
+        if reason is not None:
+            plan.skipped.append(Skipped(key, reason))
             continue
-        plan.skipped.append(Skipped(key, reason))
+        if target in specs:
+            raise SpectralError(f"{key} and {target} are both present: the state dict is half converted")
+        shape_after = spectral_shape(spec.shape, ks, basis)
+        step = Step("convert", name, key, target, basis, ks, spec.shape, shape_after, spec.dtype, spec.dtype)
+        plan.steps.append(step)
+        plan.records[target] = LayerRecord(basis, ks, spec.dtype)
     return plan
 
 
@@ -148,36 +148,35 @@ def spectral_step(
     kernel_size: tuple[int, ...] | None = None,
 ) -> Step | None:
     """The bake step for ``key`` if it holds a spectral tensor (recorded, or in a foreign rfft layout)."""
+    record = records.get(key) if key.endswith(SPECTRAL_SUFFIX) else None
+    if record is not None:
+        check_record(key, spec, record)
+        after = spatial_shape(spec.shape, record.kernel_size, record.basis)
+        name = module_name(key, SPECTRAL_SUFFIX)
+        return Step("bake", name, key, weight_key(name), record.basis, record.kernel_size, spec.shape, after,
+                    spec.dtype, record.dtype)  # fmt: skip
     if spec.kind != "dense":
         return None
-    complex_source = key.endswith(COMPRESSAI_SUFFIX) and spec.dtype in COMPLEX_DTYPES and 3 <= len(spec.shape) <= 5
+    complex_source = key.endswith(COMPRESSAI_SUFFIX) and spec.dtype in COMPLEX_DTYPES
     if complex_source:
         shape = (2, *spec.shape)
         dtype = "float32" if spec.dtype == "complex64" else "float64"
         name = module_name(key, COMPRESSAI_SUFFIX)
-    elif key.endswith(SPECTRAL_SUFFIX) and (
-        key in records or (spec.dtype in CONVERTIBLE_DTYPES and spec.shape[:1] == (2,))
-    ):
+    elif key.endswith(SPECTRAL_SUFFIX) and spec.dtype in CONVERTIBLE_DTYPES and spec.shape[:1] == (2,):
         shape, dtype, name = spec.shape, spec.dtype, module_name(key, SPECTRAL_SUFFIX)
     else:
         return None
-    record = records.get(key)
-    inferred = False
-    if record is not None:
-        check_record(key, TensorSpec(shape, dtype), record)
-    else:
-        if not 4 <= len(shape) <= 6:
-            return None
-        ks = tuple(kernel_size) if kernel_size is not None else ()
-        given = len(ks) == len(shape) - 3 and tuple(shape[-len(ks) :]) == spectral_kernel_shape(ks, "rfft")
-        if not given:
-            ks = infer_kernel_size(key, shape)
-        if tuple(shape[-len(ks) :]) != spectral_kernel_shape(ks, "rfft"):
-            return None
-        record, inferred = LayerRecord("rfft", ks, dtype), not given
-    after = spatial_shape(shape, record.kernel_size, record.basis)
-    return Step(name, key, weight_key(name), record.basis, record.kernel_size, spec.shape, after, dtype, record.dtype,
-                inferred, complex_source)  # fmt: skip
+    if not 4 <= len(shape) <= 6:
+        return None
+    ks = tuple(kernel_size) if kernel_size is not None else ()
+    given = len(ks) == len(shape) - 3 and tuple(shape[-len(ks) :]) == spectral_kernel_shape(ks, "rfft")
+    if not given:
+        ks = infer_kernel_size(key, shape)
+    if tuple(shape[-len(ks) :]) != spectral_kernel_shape(ks, "rfft"):
+        return None
+    after = spatial_shape(shape, ks, "rfft")
+    return Step("bake", name, key, weight_key(name), "rfft", ks, spec.shape, after, dtype, dtype, not given,
+                complex_source)  # fmt: skip
 
 
 def plan_bake(
@@ -249,7 +248,8 @@ def describe(
             name = key[: key.rfind("parametrizations.")].removesuffix(".")
             layers.append(LayerInfo(name, key, "parametrized", None, None, spec.shape, spec.dtype))
         elif include_spatial and is_conv_kernel_key(key, spec):
-            if spec.kind == "dense" and spec.dtype in CONVERTIBLE_DTYPES and math.prod(spec.shape[2:]) > 1:
-                name = module_name(key, "weight")
-                layers.append(LayerInfo(name, key, "spatial", None, tuple(spec.shape[2:]), spec.shape, spec.dtype))
+            name, ks = module_name(key, "weight"), tuple(spec.shape[2:])
+            masked = specs.get(mask_key(name)) == TensorSpec(spec.shape, spec.dtype)
+            if why_not_convertible(ks, spec.dtype, kind=spec.kind, masked=masked) is None:
+                layers.append(LayerInfo(name, key, "spatial", None, ks, spec.shape, spec.dtype))
     return layers

@@ -1,10 +1,17 @@
-"""One tensor of a safetensors file converted or baked a slab of kernels at a time, in bounded memory.
+"""A tensor converted or baked a slab of kernels at a time, in bounded memory; no I/O of its own.
 
-:func:`convert_streamed` and :func:`bake_streamed` give the bits of :func:`~spectral_cli.surgery.convert_tensor`
-and :func:`~spectral_cli.surgery.bake_tensor` on the whole tensor: slabs hold whole runs of
-:func:`~spectral_cli.bases.chunk_rows` kernels, the runs over which the bases take their products. Slabs are
-read, transformed and checked side by side on a few threads and handed out in order as soon as each is done,
-so that writing overlaps the work and memory holds a few slabs, never the tensor.
+The tensor is read through a callable, ``read(offset, out)``, which fills ``out`` with the tensor's bytes from
+``offset`` (from a file, or from a tensor in memory), and comes out in pieces ``(byte offset, piece)`` of the
+result, in order, each valid until the next is asked for. :func:`spectral_pieces` gives the bits of
+:func:`~spectral_cli.transform.bases.to_spectral` on the whole tensor and :func:`spatial_pieces` those of
+:func:`~spectral_cli.transform.bases.to_spatial`: slabs hold whole runs of
+:func:`~spectral_cli.transform.bases.chunk_rows` kernels, the runs over which the bases take their products.
+Slabs are read, transformed and checked side by side on a few threads and handed out in order as soon as each
+is done, so that writing overlaps the work and memory holds a few slabs, never the tensor.
+
+Each generator returns (as its ``StopIteration`` value) the one error measure of convert and bake: ``max |diff|
+/ max |reference|`` over the tensor, where convert's diff is the round trip (the stored coefficients baked back
+against the input kernel) and bake's the rounding of the result to its dtype (against the float64 transform).
 """
 
 from __future__ import annotations
@@ -16,22 +23,22 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from io import BufferedReader
 from typing import TypeVar
 
 import torch
 
-from .bases import ROW_MULTIPLE, Basis, chunk_rows, compute_dtype, row_matrices, row_width, spectral_rows, to_spatial
-from .plan import Step
-from .stream import Entry, read_rows, read_tensor
-from .surgery import LayerChange, bake_tensor, convert_tensor
+from .bases import ROW_MULTIPLE, chunk_rows, spectral_rows, to_spatial
+from .kernels import Basis
+from .matrices import compute_dtype, row_matrices, row_width
 
 #: input bytes of one slab, rounded to whole runs of ``chunk_rows`` kernels (at least one run)
 SLAB_BYTES = 1 << 20
 
-#: what ``convert_streamed`` and ``bake_streamed`` give: the output tensor in pieces ``(byte offset in the
-#: tensor, piece)``, each valid until the next is asked for, then (as the generator's return value) the change
-Pieces = Generator[tuple[int, torch.Tensor], None, LayerChange]
+#: ``read(offset, out)``: fill the contiguous tensor ``out`` with the source tensor's bytes from byte ``offset``
+Read = Callable[[int, torch.Tensor], None]
+
+#: the result in pieces ``(byte offset in the result, piece)``, then (as the return value) the relative error
+Pieces = Generator[tuple[int, torch.Tensor], None, float]
 
 _T = TypeVar("_T")
 
@@ -42,7 +49,8 @@ class Scratch:
     ``close()`` (or the end of a ``with`` block) stops the threads.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, slab_bytes: int = SLAB_BYTES) -> None:
+        self.slab_bytes = slab_bytes
         self._free: dict[str, queue.SimpleQueue[torch.Tensor]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.workers = 1
@@ -119,37 +127,35 @@ class Scratch:
                 wait([result for _, result in pending])
 
 
-def slab_bounds(rows: int, kernel_size: tuple[int, ...], row_bytes: int) -> list[tuple[int, int]]:
-    """Row ranges of the slabs of a tensor of ``rows`` kernels: whole runs of ``chunk_rows``, about
-    :data:`SLAB_BYTES` of input each."""
+def slab_bounds(rows: int, kernel_size: tuple[int, ...], row_bytes: int, slab_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges of the slabs of a tensor of ``rows`` kernels: whole runs of ``chunk_rows``, about ``slab_bytes``
+    of input each."""
     run = chunk_rows(kernel_size)
-    per_slab = run * max(1, SLAB_BYTES // max(1, run * row_bytes))
+    per_slab = run * max(1, slab_bytes // max(1, run * row_bytes))
     return [(i, min(rows, i + per_slab)) for i in range(0, rows, per_slab)]
 
 
-def convert_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch) -> Pieces:
-    """:func:`~spectral_cli.surgery.convert_tensor` on a tensor of a file: the same bits, in bounded memory.
-
-    The round-trip check is that of ``convert_tensor``, computed slab by slab.
-    """
-    if entry.spec.numel == 0:
-        return (yield from _whole(convert_tensor, step, f, entry))
-    ks, basis = step.kernel_size, step.basis
-    dtype = getattr(torch, entry.spec.dtype)
-    rows = entry.spec.numel // math.prod(ks)
-    row_bytes = entry.spec.nbytes // rows
-    plane_bytes = math.prod(step.shape_after[1:]) * dtype.itemsize  # rfft: the real plane, then the imaginary
-    out_row_bytes = plane_bytes // rows if basis == "rfft" else row_bytes
-
-    cdtype = compute_dtype(dtype)
+def spectral_pieces(
+    read: Read, shape: tuple[int, ...], dtype: torch.dtype, ks: tuple[int, ...], basis: Basis, scratch: Scratch
+) -> Pieces:
+    """``to_spectral`` of the weight of ``shape`` and ``dtype`` read through ``read``: the bits of the whole, in
+    bounded memory, and the round-trip error (the stored coefficients baked back against the weight)."""
     taps = math.prod(ks)
-    width, product_width = row_width(ks, basis), row_matrices(basis, ks, cdtype).analysis.shape[1]
+    rows = math.prod(shape) // taps
+    if rows == 0:
+        return 0.0
+    row_bytes = taps * dtype.itemsize
+    width = row_width(ks, basis)
+    plane_bytes = rows * width // 2 * dtype.itemsize  # rfft: the real plane, then the imaginary
+    out_row_bytes = width // 2 * dtype.itemsize if basis == "rfft" else row_bytes
+    cdtype = compute_dtype(dtype)
+    product_width = row_matrices(basis, ks, cdtype).analysis.shape[1]
 
     def work(i: int, j: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         m, padded = j - i, -(j - i) % ROW_MULTIPLE + (j - i)  # a tensor's last rows padded, as to_spectral does
         with scratch.rows(padded * taps * dtype.itemsize, "in") as raw:
             weight = raw.view(dtype).view(padded, taps)
-            read_rows(f, entry, (rows, taps), i, j, weight[:m])
+            read(i * row_bytes, weight[:m])
             weight[m:] = 0
             with scratch.rows(padded * product_width * cdtype.itemsize, "coefficients") as product:
                 out = product.view(cdtype).view(padded, product_width)
@@ -169,54 +175,47 @@ def convert_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scrat
         return pieces, error, lease
 
     errors = []
-    for i, (pieces, error, lease) in scratch.in_order(slab_bounds(rows, ks, row_bytes), work):
+    for i, (pieces, error, lease) in scratch.in_order(slab_bounds(rows, ks, row_bytes, scratch.slab_bytes), work):
         errors.append(error)
         for p, piece in enumerate(pieces):  # rfft: the real plane's rows i:j, then the imaginary plane's
             yield p * plane_bytes + i * out_row_bytes, piece
         scratch.give("out", lease)
-    return LayerChange.of(step, _relative_error(errors))
+    return _relative_error(errors)
 
 
-def bake_streamed(step: Step, f: BufferedReader, entry: Entry, scratch: Scratch) -> Pieces:
-    """:func:`~spectral_cli.surgery.bake_tensor` on a tensor of a file: the same bits, in bounded memory; the
-    float64 rounding check slab by slab. (CompressAI's complex tensors are baked whole.)"""
-    if entry.spec.numel == 0 or step.complex_source:
-        return (yield from _whole(bake_tensor, step, f, entry))
-    ks, basis = step.kernel_size, step.basis
-    dtype, out_dtype = getattr(torch, entry.spec.dtype), getattr(torch, step.out_dtype)
+def spatial_pieces(
+    read: Read,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    ks: tuple[int, ...],
+    basis: Basis,
+    out_dtype: torch.dtype,
+    scratch: Scratch,
+) -> Pieces:
+    """``to_spatial`` of the ``basis`` coefficients of ``shape`` and ``dtype`` read through ``read``, cast to
+    ``out_dtype``: the bits of the whole, in bounded memory, and the rounding error (against float64)."""
     planes = 2 if basis == "rfft" else 1
-    stored = entry.spec.shape
-    trailing = tuple(stored[len(stored) - len(ks) :])
-    rows = entry.spec.numel // (planes * math.prod(trailing))
-    row_bytes = entry.spec.nbytes // (planes * rows)  # of one plane
+    trailing = tuple(shape[len(shape) - len(ks) :])
+    rows = math.prod(shape) // (planes * math.prod(trailing))
+    if rows == 0:
+        return 0.0
+    row_bytes = math.prod(trailing) * dtype.itemsize  # of one plane
     out_row_bytes = math.prod(ks) * out_dtype.itemsize
 
     def work(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         with scratch.rows(planes * (j - i) * row_bytes) as buffer:
             x = buffer.view(dtype).view(planes, j - i, *trailing)
             for p in range(planes):  # plane p holds rows p * rows ... (p + 1) * rows of the stored tensor
-                read_rows(f, entry, (planes * rows, *trailing), p * rows + i, p * rows + j, x[p])
+                read((p * rows + i) * row_bytes, x[p])
             x = x if basis == "rfft" else x[0]
             weight = to_spatial(x, ks, basis).to(out_dtype)
             return weight, _slab_error(weight, to_spatial(x.to(torch.float64), ks, basis))
 
     errors = []
-    for i, (weight, error) in scratch.in_order(slab_bounds(rows, ks, planes * row_bytes), work):
+    for i, (weight, error) in scratch.in_order(slab_bounds(rows, ks, planes * row_bytes, scratch.slab_bytes), work):
         errors.append(error)
         yield i * out_row_bytes, weight
-    return LayerChange.of(step, _relative_error(errors))
-
-
-def _whole(
-    transform: Callable[[Step, torch.Tensor], tuple[torch.Tensor, LayerChange]],
-    step: Step,
-    f: BufferedReader,
-    entry: Entry,
-) -> Pieces:
-    """The tensor read and transformed whole, in one piece."""
-    tensor, change = transform(step, read_tensor(f, entry))
-    yield 0, tensor
-    return change
+    return _relative_error(errors)
 
 
 def _round_trip_error(
@@ -246,8 +245,7 @@ def _slab_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     """``[max |actual - expected|, max |expected|]`` of one slab (NaN if either holds NaN).
 
     Computed in float32, or float64 for float64 tensors: the difference of two close floats is exact
-    (Sterbenz), so this is the float64 figure of :func:`~spectral_cli.surgery.convert_tensor` at a third of the
-    cost and memory.
+    (Sterbenz), so this is the float64 figure at a third of the cost and memory.
     """
     dtype = torch.promote_types(torch.promote_types(actual.dtype, expected.dtype), torch.float32)
     expected = expected.detach().to(dtype)
@@ -257,6 +255,6 @@ def _slab_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
 
 
 def _relative_error(slabs: Sequence[torch.Tensor]) -> float:
-    """``max diff / max scale`` over the slabs, as :func:`~spectral_cli.surgery.convert_tensor` reports it."""
+    """``max diff / max scale`` over the slabs (NaN when a slab holds NaN or Inf)."""
     diff, scale = torch.stack(list(slabs)).max(dim=0).values.tolist()
     return float(diff / scale if scale > 0 else diff)

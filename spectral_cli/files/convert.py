@@ -1,0 +1,325 @@
+"""Convert and bake checkpoint files: the one pipeline behind ``spectral convert`` and ``spectral bake``.
+
+Every input goes the same way, whatever its format::
+
+    source (files.sources: a torch file, a safetensors file, a shard directory)
+      -> plan (statedict.plan, from names, specs and records alone)
+      -> transform (statedict.surgery.execute: slab by slab, transform.slabs)
+      -> sink (files.torch_file: one torch.save; files.safetensors_io / files.shards: streamed)
+      -> output (files.atomic: temporary, sync, check, rename; removed on any failure or signal)
+
+so a tensor gets the same bits whichever path it takes, and a safetensors output holds the same bytes whichever
+format its input had. Nothing is printed here: progress is reported through a callback.
+
+Example:
+    >>> import pathlib, tempfile, torch
+    >>> from safetensors.torch import save_file
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> save_file({"conv.weight": torch.randn(4, 3, 3, 3)}, str(d / "m.safetensors"))
+    >>> report = convert_file(d / "m.safetensors")
+    >>> report.written, report.target.name, [change.target_key for _, change in report.changed]
+    (True, 'm.spectral.safetensors', ['conv.parametrizations.weight.original'])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import NothingToDoError, RefusedError
+from ..statedict.keys import TensorSpec
+from ..statedict.plan import Plan, Skipped, Step, plan_bake, plan_convert
+from ..statedict.surgery import Changes, LayerChange, assemble, execute, with_records
+from ..transform.kernels import DEFAULT_BASIS
+from ..transform.slabs import SLAB_BYTES, Scratch
+from .atomic import Output
+from .formats import SAFETENSORS, SHARDED, TORCH, check_output, default_output, output_format
+from .safetensors_io import WRITEBACK_BYTES, file_metadata, refuse_unstorable, verify_header, write_safetensors
+from .sources import Part, Source, open_source
+from .syscalls import SYSCALLS, Syscalls
+
+#: ``progress(bytes_done, bytes_total, tensors_done, tensors_total)``, called as a safetensors output is written
+Progress = Callable[[int, int, int, int], None]
+
+Action = Literal["convert", "bake"]
+
+
+@dataclass(frozen=True)
+class Io:
+    """How files are read and written: the system calls (the seam where tests inject faults) and the sizes of
+    the pieces: slabs of kernels transformed at once, bytes written between two background syncs."""
+
+    syscalls: Syscalls = SYSCALLS
+    slab_bytes: int = SLAB_BYTES
+    writeback_bytes: int = WRITEBACK_BYTES
+
+
+@dataclass(frozen=True)
+class Options:
+    """What ``convert`` and ``bake`` are asked to do. ``basis``, ``include`` and ``exclude`` choose what convert
+    changes; ``kernel_size`` is bake's for record-less tensors whose shape does not tell it."""
+
+    output: Path | str | None = None
+    basis: str = DEFAULT_BASIS
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    kernel_size: tuple[int, ...] | None = None
+    dry_run: bool = False
+    force: bool = False
+    trust_pickle: bool = False
+    #: write safetensors shards of at most this many bytes, and an index
+    max_shard_size: int | None = None
+    progress: Progress | None = None
+    io: Io = field(default_factory=Io)
+
+
+@dataclass
+class FileReport:
+    """What convert or bake did to a file. Each change and skip comes with its location: the container keys of
+    the state dict it belongs to (``"state_dict"``; ``""`` for a bare state dict)."""
+
+    source: Path
+    target: Path | None
+    input_format: str
+    output_format: str | None
+    changed: list[tuple[str, LayerChange]] = field(default_factory=list)
+    skipped: list[tuple[str, Skipped]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    written: bool = False
+    message: str = ""
+
+
+def convert_file(source: Path | str, options: Options | None = None) -> FileReport:
+    """Convert a checkpoint's conv kernels to spectral tensors and write the result next to it (or to
+    ``options.output``). Raises :class:`~spectral_cli.errors.NothingToDoError` if there are none; a file already
+    converted gives a report with ``message`` and writes nothing."""
+    report = _transform("convert", Path(source), options or Options())
+    if not report.changed:
+        already = [s for _, s in report.skipped if s.reason == "already spectral"]
+        if already:
+            report.message = f"nothing to convert: {len(already)} layers are already spectral; no file written"
+            return report
+        raise NothingToDoError(
+            f"{source}: no convertible conv kernels (float weights of rank 3 to 5 with more "
+            f"than one tap){_skip_summary(report)}; nothing to convert"
+        )
+    return report
+
+
+def bake_file(source: Path | str, options: Options | None = None) -> FileReport:
+    """Bake every spectral tensor of a checkpoint back to a spatial weight in its original dtype."""
+    report = _transform("bake", Path(source), options or Options())
+    if not report.changed:
+        raise NothingToDoError(f"{source}: no spectral tensors{_skip_summary(report)}; nothing to bake")
+    return report
+
+
+# ---- the pipeline --------------------------------------------------------------------------------------------
+
+#: a step run on its part's tensor: the result in pieces, and the change made
+Run = Callable[[Part, Step], Changes]
+#: ``tick(nbytes, tensor_done)``: a piece of the output written
+Tick = Callable[[int, bool], None]
+
+
+@dataclass
+class Sink:
+    """Where the output goes, and how it is written: ``write(output, run, tick)`` writes it and returns the check
+    of the finished temporary (run before the rename)."""
+
+    target: Path
+    format: str
+    directory: bool
+    write: Callable[[Output, Run, Tick], Callable[[Path], None]]
+    total_bytes: int = 0
+    total_tensors: int = 0
+    dropped: list[str] = field(default_factory=list)
+
+
+def _transform(action: Action, path: Path, options: Options) -> FileReport:
+    with contextlib.closing(open_source(path, trust_pickle=options.trust_pickle, syscalls=options.io.syscalls)) as src:
+        plans = [(part, _plan(action, part, options)) for part in src.parts]
+        report = FileReport(path, None, src.format, None)
+        report.skipped = [(part.where, skip) for part, plan in plans for skip in plan.skipped]
+        if not any(plan.steps for _, plan in plans):
+            return report
+        sink = _sink(src, plans, options, "spectral" if action == "convert" else "baked")
+        report.target, report.output_format, report.dropped = sink.target, sink.format, sink.dropped
+        if sink.dropped:
+            report.warnings.append(
+                f"dropped optimizer state ({', '.join(sink.dropped)}): it refers to the weights as they were; "
+                "rebuild the optimizer after loading"
+            )
+        check_output(src.inputs(), sink.target, force=options.force, directory=sink.directory)
+        with Scratch(options.io.slab_bytes) as scratch:
+
+            def run(part: Part, step: Step) -> Changes:
+                change = yield from execute(step, part.tensor(step.source_key), scratch)
+                report.changed.append((part.where, change))
+                return change
+
+            if options.dry_run:
+                for part, plan in plans:
+                    for step in plan.steps:
+                        assemble(step, run(part, step))
+            else:
+                with Output(sink.target, directory=sink.directory, syscalls=options.io.syscalls) as out:
+                    verify = sink.write(out, run, _ticker(options.progress, sink))
+
+                    def check(written: Path) -> None:
+                        src.check_unchanged()
+                        verify(written)
+
+                    out.commit(check)
+                report.written = True
+    _warn_nonfinite(report)
+    return report
+
+
+def _plan(action: Action, part: Part, options: Options) -> Plan:
+    include, exclude = _prefixed(options.include, part.prefix), _prefixed(options.exclude, part.prefix)
+    if action == "bake":
+        return plan_bake(part.specs, part.records, kernel_size=options.kernel_size, include=include, exclude=exclude)
+    if part.conv_modules is not None:  # a walked module: only its real conv layers
+        kernels = {k.removesuffix(".weight") for k in part.specs if k.endswith(".weight")}
+        exclude = [*(exclude or []), *(glob.escape(n) for n in sorted(kernels - part.conv_modules))] or None
+    return plan_convert(part.specs, part.records, basis=options.basis, include=include, exclude=exclude)  # type: ignore[arg-type]
+
+
+def _prefixed(patterns: Sequence[str] | None, prefix: str) -> list[str] | None:
+    """Globs name layers without the wrapper prefix (``module.``): match them below it."""
+    return None if patterns is None else [glob.escape(prefix) + p for p in patterns]
+
+
+def _sink(src: Source, plans: list[tuple[Part, Plan]], options: Options, tag: str) -> Sink:
+    """Choose the output (its name, format and layout) and check that the input can go there."""
+    out = None if options.output is None else Path(options.output)
+    sharded_in = src.format == SHARDED
+    if options.max_shard_size is not None or (sharded_in and (out is None or out.suffix != ".safetensors")):
+        if src.format not in (SAFETENSORS, SHARDED):
+            raise RefusedError(f"{src.path}: --max-shard-size writes safetensors shards; it needs a safetensors input")
+        if out is not None and output_format(out, SAFETENSORS) != SAFETENSORS:
+            raise RefusedError(f"{out}: safetensors shards are written as safetensors; give -o a directory or a "
+                               ".safetensors file")  # fmt: skip
+        return _shards_sink(src, plans[0], out or default_output(src.path, tag, SHARDED), options)
+    target = out or default_output(src.path, tag, output_format(src.path, src.format))
+    if output_format(target, src.format) == SAFETENSORS:
+        return _safetensors_sink(src, plans, target, options)
+    return _torch_sink(src, plans, target, options)
+
+
+def _produce(part: Part, plan: Plan, run: Run) -> Callable[[str], Any]:
+    """The output's tensor of each name: a step's pieces, or the input's tensor carried over."""
+    by_target = {s.target_key: s for s in plan.steps}
+
+    def produce(key: str) -> Any:
+        step = by_target.get(key)
+        return run(part, step) if step is not None else part.tensor(key)
+
+    return produce
+
+
+def _safetensors_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options: Options) -> Sink:
+    if len(plans) != 1 or plans[0][0].location != ():
+        raise RefusedError(f"{target}: safetensors holds only tensors, and {src.path} is a container; write a .pt file")
+    part, plan = plans[0]
+    if part.values is not None:
+        refuse_unstorable(part.values, target)
+    specs = plan.output_specs(part.specs)
+    metadata = file_metadata(src.metadata(), plan.records)
+
+    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
+        write_safetensors(output.file(), specs, metadata, _produce(part, plan, run), tick, options.io.writeback_bytes)
+        return lambda written: verify_header(written, specs, metadata, target)
+
+    return Sink(target, SAFETENSORS, False, write, _total(specs), len(specs))
+
+
+def _shards_sink(src: Source, planned: tuple[Part, Plan], target: Path, options: Options) -> Sink:
+    from .shards import index_name_of, shard_layout, write_shards
+
+    part, plan = planned
+    specs = plan.output_specs(part.specs)
+    source_of = {s.target_key: s.source_key for s in plan.steps}
+    owner: dict[str, str] = getattr(src, "owner", {})
+    layout = shard_layout(specs, options.max_shard_size, lambda key: owner.get(source_of.get(key, key)))
+
+    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
+        return write_shards(output, layout, specs, src.metadata, plan.records, getattr(src, "index", {}),
+                            index_name_of(src), _produce(part, plan, run), tick,
+                            options.io.writeback_bytes)  # fmt: skip
+
+    return Sink(target, SHARDED, True, write, _total(specs), len(specs))
+
+
+def _torch_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options: Options) -> Sink:
+    from .torch_file import optimizer_keys, set_at, verify_torch, write_torch
+
+    if src.format == SHARDED:
+        raise RefusedError(f"{target}: safetensors shards are written as safetensors; give -o a directory or a "
+                           ".safetensors file")  # fmt: skip
+    container = getattr(src, "obj", None)
+    dropped = optimizer_keys(container)
+
+    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
+        obj = container
+        for part, plan in plans:
+            steps = {s.source_key: s for s in plan.steps}
+            tensors: dict[str, Any] = {}
+            for key in part.values if part.values is not None else part.specs:
+                step = steps.get(key)
+                if step is not None:
+                    tensors[step.target_key] = assemble(step, run(part, step))[0]
+                else:
+                    tensors[key] = part.values[key] if part.values is not None else part.tensor(key).whole()
+            obj = set_at(obj, part.location, with_records(tensors, plan.records, part.values))
+        if dropped and isinstance(obj, Mapping):
+            obj = {k: v for k, v in obj.items() if k not in dropped}
+        write_torch(output.file(), obj)
+        locations = [part.location for part, _ in plans]
+        return lambda written: verify_torch(written, target, obj, locations, options.trust_pickle)
+
+    return Sink(target, TORCH, False, write, dropped=dropped)
+
+
+def _total(specs: dict[str, TensorSpec]) -> int:
+    return sum(spec.nbytes for spec in specs.values())
+
+
+def _ticker(progress: Progress | None, sink: Sink) -> Tick:
+    """``tick(nbytes, tensor_done)`` for the writers, as ``progress(bytes_done, bytes_total, tensors_done,
+    tensors_total)``."""
+    done = tensors = 0
+
+    def tick(nbytes: int, tensor_done: bool) -> None:
+        nonlocal done, tensors
+        done += nbytes
+        tensors += tensor_done
+        if progress is not None:
+            progress(done, sink.total_bytes, tensors, sink.total_tensors)
+
+    return tick
+
+
+def _skip_summary(report: FileReport) -> str:
+    """``"; skipped: 1x1 kernel (3), excluded (1)"``: why the tensors that looked like kernels were left."""
+    reasons = Counter(s.reason for _, s in report.skipped)
+    if not reasons:
+        return ""
+    return "; skipped: " + ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common())
+
+
+def _warn_nonfinite(report: FileReport) -> None:
+    for _, change in report.changed:
+        if not math.isfinite(change.max_error):
+            report.warnings.append(
+                f"{change.source_key}: holds NaN or Inf values; written anyway, and the transform spreads "
+                "them over every tap of the kernels that hold them"
+            )

@@ -1,0 +1,163 @@
+"""Checkpoint formats, detected from the bytes; output names; and the checks that keep an output off its input.
+Imports no torch.
+
+Formats, detected from the bytes, never from the extension:
+
+* ``safetensors`` -- 8-byte little-endian header length, then a JSON header;
+* ``safetensors-sharded`` -- a directory (or its ``*.safetensors.index.json``) of Hugging Face shards;
+* ``torch`` -- ``torch.save``'s zip archive (``.pt``, ``.pth``, ``.bin``, ``.ckpt``);
+* ``torch-legacy`` -- the pre-1.6 pickle stream; read, and written back as a zip archive.
+
+Only regular files and directories are read: a FIFO or a device is refused before it is opened for reading,
+so that nothing blocks or reads forever.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import CheckpointError, RefusedError
+
+SAFETENSORS = "safetensors"
+SHARDED = "safetensors-sharded"
+TORCH = "torch"
+TORCH_LEGACY = "torch-legacy"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+INDEX_SUFFIX = ".safetensors.index.json"
+
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket"}  # fmt: skip
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file (checked on the open file, so that a
+    FIFO swapped in after a check never blocks the read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file; check the path") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: is {_kind(mode)}, not a checkpoint file; pass a checkpoint file")
+    if hasattr(os, "O_NONBLOCK"):
+        os.set_blocking(fd, True)
+    return fd
+
+
+def find_index(directory: Path) -> Path:
+    """The one ``*.safetensors.index.json`` of a sharded checkpoint directory."""
+    found = sorted(directory.glob(f"*{INDEX_SUFFIX}"))
+    if len(found) != 1:
+        what = "no" if not found else "more than one"
+        raise CheckpointError(f"{directory}: is a directory with {what} *{INDEX_SUFFIX}; pass a checkpoint file")
+    return found[0]
+
+
+def detect_format(path: Path) -> str:
+    """The checkpoint format of ``path``, read from its first bytes."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file; check the path") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror}); check the path") from None
+    if stat.S_ISDIR(mode):
+        find_index(path)
+        return SHARDED
+    if path.name.endswith(INDEX_SUFFIX) and stat.S_ISREG(mode):
+        return SHARDED
+    fd = open_regular(path)
+    try:
+        head = os.pread(fd, 9, 0)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if not head:
+        raise CheckpointError(f"{path}: is empty; pass a checkpoint written by torch.save or safetensors")
+    if head.startswith(b"PK\x03\x04"):
+        return TORCH
+    # safetensors before the legacy pickle: a header of 640, 896, 1152 or 1408 bytes (+ k * 65536) starts with
+    # the bytes of a pickle protocol mark (0x80, 2..5). A pickle never passes this test: its bytes 2 to 7 are
+    # opcodes (torch's legacy files: its magic number), which make the "length" far larger than any header.
+    if len(head) == 9 and head[8:9] == b"{":
+        (size,) = struct.unpack("<Q", head[:8])
+        if 0 < size <= MAX_SAFETENSORS_HEADER:
+            return SAFETENSORS
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return TORCH_LEGACY
+    raise CheckpointError(f"{path}: not a checkpoint spectral_cli can read (expected a torch.save file or safetensors)")
+
+
+def output_format(path: Path, input_format: str) -> str:
+    """The format to write: from the output's extension when it names one, else the input's."""
+    if path.suffix == ".safetensors":
+        return SAFETENSORS
+    if path.suffix in TORCH_SUFFIXES:
+        return TORCH
+    return TORCH if input_format == TORCH_LEGACY else input_format
+
+
+def default_output(source: Path, tag: str, fmt: str) -> Path:
+    """``model.pt`` -> ``model.<tag>.pt``, ``shards/`` -> ``shards.<tag>/`` (an earlier tag is replaced)."""
+    if fmt == SHARDED:
+        base = source if source.is_dir() else source.parent
+        name = base.name.removesuffix(".spectral").removesuffix(".baked")
+        return base.with_name(f"{name}.{tag}")
+    stem = source.stem
+    for old in (".spectral", ".baked"):
+        stem = stem.removesuffix(old)
+    suffix = ".safetensors" if fmt == SAFETENSORS else (source.suffix or ".pt")
+    if fmt != SAFETENSORS and suffix == ".safetensors":
+        suffix = ".pt"
+    return source.with_name(f"{stem}.{tag}{suffix}")
+
+
+def _within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def check_output(inputs: Iterable[Path], target: Path, *, force: bool, directory: bool = False) -> None:
+    """Refuse an output that would replace or remove an input, or anything unasked for.
+
+    ``inputs`` are the input's paths (its file; for shards the directory, the index and every shard, followed
+    through symlinks). The output may not be any of them, a directory holding one of them, or inside the input
+    directory; it may not replace an existing path (a dangling symlink included) without ``force``, nor a FIFO
+    or device even with it.
+    """
+    real_target = os.path.realpath(target)
+    exists = os.path.lexists(target)
+    for path in inputs:
+        real = os.path.realpath(path)
+        if real_target == real or (exists and os.path.exists(target) and os.path.samefile(target, path)):
+            raise RefusedError(f"{target}: is the input; choose another output with -o")
+        if _within(real, real_target):
+            raise RefusedError(f"{target}: holds the input ({path}); choose another output with -o")
+        if os.path.isdir(real) and _within(real_target, real):
+            raise RefusedError(f"{target}: is inside the input directory; choose another output with -o")
+    if exists and not os.path.islink(target):
+        mode = target.lstat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise RefusedError(f"{target}: is {_kind(mode)}; give a file path with -o")
+    if target.is_dir() and not directory:
+        raise RefusedError(f"{target}: is a directory; give a file name with -o")
+    if exists and directory and not target.is_dir():
+        raise RefusedError(f"{target}: is a file; sharded output needs a directory name with -o")
+    if not target.parent.is_dir():
+        raise RefusedError(f"{target}: its directory does not exist; create it or choose another -o")
+    if exists and not force:
+        what = "is a dangling symlink" if not os.path.exists(target) else "already exists"
+        raise RefusedError(f"{target}: {what}; pass --force to replace it")

@@ -1,0 +1,250 @@
+"""Plans executed on tensors: one implementation, for state dicts in memory and for checkpoint files alike.
+
+:func:`execute` runs one :class:`~spectral_cli.statedict.plan.Step` on a stored tensor (in memory, or in a file:
+anything that can :meth:`Stored.read` its bytes) a slab at a time and gives the result in pieces, which a file
+writer writes as they come and :func:`assemble` joins into a tensor. The pure functions below (no model class,
+nothing printed, the input untouched) are built on it:
+
+Keys follow ``torch.nn.utils.parametrize`` exactly: the spatial ``<mod>.weight`` becomes
+``<mod>.parametrizations.weight.original``, so a converted state dict loads with ``strict=True`` into the model
+after :func:`~spectral_cli.register_spectral_parametrization`, and a baked one into the plain model.
+
+What was converted is recorded (basis, kernel size, original dtype, tool version) in the state dict's
+``_metadata`` attribute, under :data:`~spectral_cli.statedict.records.METADATA_KEY`: torch keeps that attribute
+through ``torch.save`` and ``torch.load(weights_only=True)``, and ``load_state_dict`` ignores entries that name
+no module, so strict loading is unaffected. Nothing is ever guessed when that record is present.
+
+Example:
+    >>> import torch
+    >>> from spectral_cli import convert_state_dict, bake_state_dict, register_spectral_parametrization
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 1))
+    >>> result = convert_state_dict(net.state_dict())
+    >>> [c.target_key for c in result.changed], [(s.key, s.reason) for s in result.skipped]
+    (['0.parametrizations.weight.original'], [('1.weight', '1x1 kernel')])
+    >>> _ = register_spectral_parametrization(net)
+    >>> net.load_state_dict(result.state_dict, strict=True)
+    <All keys matched successfully>
+    >>> sorted(bake_state_dict(result.state_dict).state_dict) == sorted(torch.nn.Sequential(
+    ...     torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 1)).state_dict())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Generator, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
+
+import torch
+
+from .. import __version__
+from ..transform.kernels import DEFAULT_BASIS, Basis
+from ..transform.slabs import Scratch, spatial_pieces, spectral_pieces
+from .keys import TensorSpec
+from .plan import LayerInfo, Plan, Skipped, Step, describe, plan_bake, plan_convert
+from .records import METADATA_KEY, LayerRecord, parse_records, records_document
+
+StateDict = Mapping[str, Any]
+
+#: what :func:`execute` gives: the result in pieces ``(byte offset, piece)``, then (returned) the change made
+Changes = Generator[tuple[int, torch.Tensor], None, "LayerChange"]
+
+
+@dataclass(frozen=True)
+class LayerChange(Step):
+    """A :class:`~spectral_cli.statedict.plan.Step` done: the tensor converted or baked, with ``max_error`` the
+    relative round-trip (convert) or rounding (bake) error measured."""
+
+    max_error: float = field(kw_only=True)
+
+    @classmethod
+    def of(cls, step: Step, max_error: float) -> LayerChange:
+        """The change that executing ``step`` made, with its measured error."""
+        return cls(**{f.name: getattr(step, f.name) for f in fields(step)}, max_error=max_error)
+
+    @property
+    def params_before(self) -> int:
+        return math.prod(self.shape_before)
+
+    @property
+    def params_after(self) -> int:
+        return math.prod(self.shape_after)
+
+
+@dataclass(frozen=True)
+class SurgeryResult:
+    """The new state dict (input untouched), what changed, what was skipped, and the records it carries."""
+
+    state_dict: OrderedDict[str, Any]
+    changed: tuple[LayerChange, ...]
+    skipped: tuple[Skipped, ...]
+    records: dict[str, LayerRecord]
+
+
+class Stored(Protocol):
+    """A tensor of a checkpoint, read when it is needed."""
+
+    def read(self, offset: int, out: torch.Tensor) -> None:
+        """Fill the contiguous CPU tensor ``out`` with the tensor's bytes from byte ``offset``."""
+
+    def whole(self) -> torch.Tensor:
+        """The whole tensor."""
+
+
+class InMemory:
+    """A tensor already in memory, as :class:`Stored`."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self._bytes: torch.Tensor | None = None
+
+    def read(self, offset: int, out: torch.Tensor) -> None:
+        if self._bytes is None:
+            self._bytes = self.tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        view = out.view(-1).view(torch.uint8)
+        view.copy_(self._bytes[offset : offset + view.numel()])
+
+    def whole(self) -> torch.Tensor:
+        return self.tensor
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def spec_of(tensor: torch.Tensor) -> TensorSpec:
+    """Shape, dtype name and kind of a tensor: sparse, nested and meta tensors are marked (carried over, never
+    transformed)."""
+    if tensor.is_nested:  # no single shape
+        return TensorSpec((), dtype_name(tensor.dtype), "nested")
+    if tensor.is_meta:
+        kind = "meta"
+    elif tensor.layout != torch.strided:
+        kind = str(tensor.layout).removeprefix("torch.")
+    else:
+        kind = "dense"
+    return TensorSpec(tuple(tensor.shape), dtype_name(tensor.dtype), kind)
+
+
+def specs_of(state_dict: StateDict) -> dict[str, TensorSpec]:
+    """Shape, dtype name and kind of every tensor in a state dict."""
+    return {k: spec_of(v) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+
+
+def _metadata_of(state_dict: StateDict) -> Mapping[str, Any]:
+    """torch's ``_metadata`` of a state dict; empty when absent or not a mapping (a damaged or hostile file)."""
+    meta = getattr(state_dict, "_metadata", None)
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def records_of(state_dict: StateDict, where: str = "state dict") -> dict[str, LayerRecord]:
+    """The spectral records a state dict carries in ``_metadata`` (empty if none)."""
+    return parse_records(_metadata_of(state_dict).get(METADATA_KEY), where)
+
+
+def with_records(
+    tensors: Mapping[str, Any], records: Mapping[str, LayerRecord], like: StateDict | None = None
+) -> OrderedDict[str, Any]:
+    """``tensors`` as a state dict carrying ``records`` in ``_metadata`` (besides the other ``_metadata`` of
+    ``like``, the state dict it was made from)."""
+    out: OrderedDict[str, Any] = OrderedDict(tensors)
+    meta = OrderedDict(_metadata_of(like) if like is not None else {})
+    meta.pop(METADATA_KEY, None)
+    if records:
+        meta[METADATA_KEY] = records_document(records, __version__)
+    if meta:
+        out._metadata = meta  # type: ignore[attr-defined]
+    return out
+
+
+def execute(step: Step, stored: Stored, scratch: Scratch) -> Changes:
+    """Run ``step`` on ``stored``: the result in pieces (in order; each valid until the next is asked for), then
+    the change made, with its error measured as the pieces were made."""
+    if step.complex_source:  # CompressAI's complex coefficients: their real and imaginary parts, as rfft planes
+        complex_tensor = stored.whole()
+        stored = InMemory(torch.stack((complex_tensor.real, complex_tensor.imag)))
+    dtype = getattr(torch, step.dtype)
+    if step.action == "convert":
+        pieces = spectral_pieces(stored.read, step.shape_before, dtype, step.kernel_size, step.basis, scratch)
+    else:
+        shape = (2, *step.shape_before) if step.complex_source else step.shape_before
+        out_dtype = getattr(torch, step.out_dtype)
+        pieces = spatial_pieces(stored.read, shape, dtype, step.kernel_size, step.basis, out_dtype, scratch)
+    error = yield from pieces
+    return LayerChange.of(step, error)
+
+
+def assemble(step: Step, changes: Changes) -> tuple[torch.Tensor, LayerChange]:
+    """The result of :func:`execute` as one tensor, and the change made."""
+    result = torch.empty(step.shape_after, dtype=getattr(torch, step.out_dtype))
+    flat = result.view(-1).view(torch.uint8) if result.numel() else result
+    while True:
+        try:
+            offset, piece = next(changes)
+        except StopIteration as done:
+            return result, done.value
+        piece_bytes = piece.reshape(-1).view(torch.uint8)
+        flat[offset : offset + piece_bytes.numel()] = piece_bytes
+
+
+def _run(state_dict: StateDict, plan: Plan) -> SurgeryResult:
+    steps = {s.source_key: s for s in plan.steps}
+    out: OrderedDict[str, Any] = OrderedDict()
+    changed = []
+    with Scratch() as scratch:
+        for key, value in state_dict.items():
+            step = steps.get(key)
+            if step is None:
+                out[key] = value
+                continue
+            tensor, change = assemble(step, execute(step, InMemory(value), scratch))
+            out[step.target_key] = tensor.to(value.device)
+            changed.append(change)
+    return SurgeryResult(with_records(out, plan.records, state_dict), tuple(changed), tuple(plan.skipped), plan.records)
+
+
+def convert_state_dict(
+    state_dict: StateDict,
+    *,
+    basis: Basis = DEFAULT_BASIS,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> SurgeryResult:
+    """Turn every conv kernel ``<mod>.weight`` into ``<mod>.parametrizations.weight.original``.
+
+    A conv kernel is a floating-point ``weight`` of rank 3 to 5 with more than one spatial tap; ``include`` /
+    ``exclude`` globs on module names refine that. Masked convs (a ``<mod>.mask`` of the weight's shape, as in
+    CompressAI's ``MaskedConv2d``) are skipped: their forward writes ``weight.data``, which a parametrized
+    weight ignores. Each converted tensor is baked back and compared (``max_error``). Layers already spectral
+    are skipped, so converting twice changes nothing.
+    """
+    plan = plan_convert(specs_of(state_dict), records_of(state_dict), basis=basis, include=include, exclude=exclude)
+    return _run(state_dict, plan)
+
+
+def bake_state_dict(
+    state_dict: StateDict,
+    *,
+    kernel_size: tuple[int, ...] | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> SurgeryResult:
+    """Turn every spectral tensor back into a spatial ``<mod>.weight`` in its original dtype.
+
+    Tensors recorded by :func:`convert_state_dict` are baked from their record. Without one (checkpoints of
+    pytorch-parametrizations 1.0.0: ``<mod>.parametrizations.weight.original`` of shape ``(2, O, I, kh, b)``;
+    CompressAI ``SpectralConv2d``: complex ``<mod>.weight_transformed``) the ``rfft`` layout is assumed and
+    a square kernel inferred when the shape allows only that. A given ``kernel_size`` is used for the layers
+    whose shape it fits; any other layer must still be inferable, else
+    :class:`~spectral_cli.AmbiguousKernelSizeError` names it.
+    """
+    plan = plan_bake(specs_of(state_dict), records_of(state_dict), kernel_size=kernel_size, include=include,
+                     exclude=exclude)  # fmt: skip
+    return _run(state_dict, plan)
+
+
+def describe_state_dict(state_dict: StateDict, *, include_spatial: bool = True) -> list[LayerInfo]:
+    """List the parametrized layers of a state dict and, with ``include_spatial``, its convertible kernels."""
+    return describe(specs_of(state_dict), records_of(state_dict), include_spatial=include_spatial)

@@ -1,0 +1,122 @@
+"""Kernels as the transform sees them: the two bases by name, the shapes of their tensors, and the one rule of
+which conv kernels are converted, with the include/exclude globs that select them (used by the registrar, the
+plans, ``inspect`` and every message). Imports no torch.
+
+``rfft`` stores a weight of shape ``(*lead, *kernel_size)`` as ``(2, *lead, *kernel_size[:-1], kw // 2 + 1)``
+(real plane, imaginary plane); ``rdft`` keeps the weight's shape.
+
+Example:
+    >>> spectral_shape((8, 3, 3, 3), (3, 3), "rfft")
+    (2, 8, 3, 3, 2)
+    >>> spatial_shape((2, 8, 3, 3, 2), (3, 3), "rfft")
+    (8, 3, 3, 3)
+    >>> spectral_shape((8, 3, 5), (5,), "rdft")
+    (8, 3, 5)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+from ..errors import SpectralError
+
+Basis = Literal["rfft", "rdft"]
+BASES: tuple[str, ...] = ("rfft", "rdft")
+DEFAULT_BASIS: Basis = "rfft"
+
+#: dtypes whose kernels are converted (computed in float32 at least, stored back in the same dtype)
+CONVERTIBLE_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+MASKED_REASON = "masked conv (its forward writes weight.data, which a parametrization ignores)"
+
+
+def why_not_convertible(
+    kernel_size: Sequence[int], dtype: str, *, kind: str = "dense", masked: bool = False, selected: bool = True
+) -> str | None:
+    """``None`` if a conv kernel is converted, else why it is left as it is (the reason every listing shows).
+
+    A kernel is converted when it is selected (``include``/``exclude``), a dense tensor of a float dtype, has more
+    than one tap, and is not masked (CompressAI's ``MaskedConv2d`` writes ``weight.data`` in its forward, which a
+    parametrized weight ignores). ``dtype`` is torch's name without ``torch.`` (``"float32"``).
+
+    Example:
+        >>> why_not_convertible((3, 3), "float32"), why_not_convertible((1, 1), "float32")
+        (None, '1x1 kernel')
+        >>> why_not_convertible((3, 3), "int8"), why_not_convertible((3, 3), "float32", kind="sparse_coo")
+        ('not float (int8)', 'not a dense tensor (sparse_coo)')
+    """
+    if not selected:
+        return "excluded"
+    if kind != "dense":
+        return f"not a dense tensor ({kind})"
+    if dtype not in CONVERTIBLE_DTYPES:
+        return f"not float ({dtype})"
+    if math.prod(kernel_size) == 1:
+        return "1x1 kernel"
+    if masked:
+        return MASKED_REASON
+    return None
+
+
+def check_basis(basis: Any) -> Basis:
+    """Return ``basis`` if it names a basis, else raise :class:`~spectral_cli.SpectralError`.
+
+    Example:
+        >>> check_basis("dct")
+        Traceback (most recent call last):
+        ...
+        spectral_cli.errors.SpectralError: unknown basis 'dct': use one of 'rfft', 'rdft'
+    """
+    if basis not in BASES:
+        raise SpectralError(f"unknown basis {basis!r}: use one of {', '.join(repr(b) for b in BASES)}")
+    return basis  # type: ignore[no-any-return]
+
+
+def check_kernel_size(kernel_size: Any) -> tuple[int, ...]:
+    """Return ``kernel_size`` as a tuple of 1 to 3 positive ints, else raise :class:`~spectral_cli.SpectralError`."""
+    if isinstance(kernel_size, int) or not isinstance(kernel_size, Sequence) or isinstance(kernel_size, str):
+        raise SpectralError(f"kernel_size must be a tuple of 1 to 3 ints such as conv.kernel_size, got {kernel_size!r}")
+    ks = tuple(kernel_size)
+    if not 1 <= len(ks) <= 3 or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
+        raise SpectralError(f"kernel_size must be 1 to 3 positive ints, got {kernel_size!r}")
+    return ks
+
+
+def spectral_kernel_shape(kernel_size: tuple[int, ...], basis: Basis) -> tuple[int, ...]:
+    """The trailing dims a spectral tensor has for ``kernel_size``."""
+    if basis == "rfft":
+        return (*kernel_size[:-1], kernel_size[-1] // 2 + 1)
+    return kernel_size
+
+
+def spectral_shape(weight_shape: Sequence[int], kernel_size: tuple[int, ...], basis: Basis) -> tuple[int, ...]:
+    """Shape of the spectral tensor that stores a weight of ``weight_shape``."""
+    lead = tuple(weight_shape[: len(weight_shape) - len(kernel_size)])
+    if basis == "rfft":
+        return (2, *lead, *spectral_kernel_shape(kernel_size, basis))
+    return (*lead, *kernel_size)
+
+
+def spatial_shape(stored_shape: Sequence[int], kernel_size: tuple[int, ...], basis: Basis) -> tuple[int, ...]:
+    """Shape of the weight a spectral tensor of ``stored_shape`` stands for."""
+    lead = tuple(stored_shape[1 if basis == "rfft" else 0 : len(stored_shape) - len(kernel_size)])
+    return (*lead, *kernel_size)
+
+
+def glob_patterns(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | None:
+    """``include``/``exclude`` as a tuple of glob patterns (a single string is one pattern)."""
+    if value is None:
+        return None
+    items = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Iterable) else (value,)
+    if not all(isinstance(p, str) for p in items):
+        raise SpectralError(f"{what} takes glob patterns (str), got {value!r}")
+    return items
+
+
+def selected(name: str, include: tuple[str, ...] | None, exclude: tuple[str, ...] | None) -> bool:
+    """Whether a qualified name passes the include/exclude globs (``fnmatch`` rules)."""
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
