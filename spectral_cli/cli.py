@@ -101,10 +101,14 @@ def parse_size(text: str | None) -> int | None:
     return size
 
 
-def _basis(text: str) -> str:
-    from .transform.kernels import check_basis
+def parse_basis(text: str) -> str:
+    """``--basis``: one of the bases' names."""
+    from .errors import SpectralError
+    from .transform.kernels import BASES
 
-    return check_basis(text)
+    if text not in BASES:
+        raise SpectralError(f"--basis {text!r}: use one of {', '.join(BASES)}")
+    return text
 
 
 # ---- the commands ----------------------------------------------------------------------------------------------
@@ -187,7 +191,7 @@ def convert(
     """Turn a checkpoint's conv kernels into spectral 'original' tensors, as torch.nn.utils.parametrize stores them."""
 
     def body() -> None:
-        _transform(ctx, "convert", input, as_json, quiet, output=output, basis=_basis(basis), include=include,
+        _transform(ctx, "convert", input, as_json, quiet, output=output, basis=parse_basis(basis), include=include,
                    exclude=exclude, dry_run=dry_run, force=force, trust_pickle=trust_pickle,
                    max_shard_size=parse_size(max_shard_size))  # fmt: skip
 

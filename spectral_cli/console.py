@@ -93,7 +93,7 @@ def stopping_signals() -> Iterator[list[int]]:
 
 def _fail(as_json: bool, message: str, code: int, label: str = "error") -> typer.Exit:
     if as_json:
-        typer.echo(json.dumps({"schema": 1, "error": printable(message), "exit_code": code}))
+        typer.echo(json.dumps({"schema": 1, "error": message, "exit_code": code}))  # JSON escapes what it must
     stderr().print(f"[bold red]{label}:[/] {escape(printable(message))}", highlight=False)
     return typer.Exit(code)
 

@@ -179,6 +179,9 @@ def _transform(action: Action, path: Path, options: Options) -> FileReport:
 
                     out.commit(check)
                 report.written = True
+    steps = [(part.where, step.source_key) for part, plan in plans for step in plan.steps]
+    order = {step: i for i, step in enumerate(steps)}
+    report.changed.sort(key=lambda done: order[done[0], done[1].source_key])  # in the input's order
     _warn_nonfinite(report)
     return report
 
@@ -232,7 +235,7 @@ def _safetensors_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path,
     part, plan = plans[0]
     if part.values is not None:
         refuse_unstorable(part.values, target)
-    specs = plan.output_specs(part.specs)
+    specs = _by_name(plan.output_specs(part.specs))
     metadata = file_metadata(src.metadata(), plan.records)
 
     def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
@@ -246,7 +249,7 @@ def _shards_sink(src: Source, planned: tuple[Part, Plan], target: Path, options:
     from .shards import index_name_of, shard_layout, write_shards
 
     part, plan = planned
-    specs = plan.output_specs(part.specs)
+    specs = _by_name(plan.output_specs(part.specs))
     source_of = {s.target_key: s.source_key for s in plan.steps}
     owner: dict[str, str] = getattr(src, "owner", {})
     layout = shard_layout(specs, options.max_shard_size, lambda key: owner.get(source_of.get(key, key)))
@@ -287,6 +290,12 @@ def _torch_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, optio
         return lambda written: verify_torch(written, target, obj, locations, options.trust_pickle)
 
     return Sink(target, TORCH, False, write, dropped=dropped)
+
+
+def _by_name(specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
+    """A safetensors file's tensors in the order of their names, as safetensors lists them: the file then does not
+    depend on the order of its input (a torch state dict's, a header's, an index's)."""
+    return dict(sorted(specs.items()))
 
 
 def _total(specs: dict[str, TensorSpec]) -> int:
