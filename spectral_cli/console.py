@@ -8,9 +8,10 @@ of memory (exit 1); anything else is an internal error (exit 1, ``SPECTRAL_DEBUG
 
 Every catchable signal that would end the process (Ctrl-C, ``SIGTERM``, ``SIGHUP``, ``SIGQUIT``...) is turned
 into an exception while a command runs, so that its temporary files are removed on the way out; it then exits
-``128 + signal``. A signal that comes while the output is being renamed into place waits until that is done.
-``SIGXFSZ`` is ignored, so that a write past ``ulimit -f`` fails as a write (exit 1) instead of killing the
-process. Everything printed from a file goes through :func:`~spectral_cli.render.printable`.
+``128 + signal``. A signal that comes while the output is being renamed into place waits until that is done. A
+signal the process was started ignoring (``nohup``, a background job's Ctrl-C) stays ignored. (Python itself
+ignores ``SIGXFSZ``: a write past ``ulimit -f`` fails as a write, exit 1.) Everything printed from a file goes
+through :func:`~spectral_cli.render.printable`.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ STOPPING = tuple(
 
 @contextmanager
 def stopping_signals() -> Iterator[list[int]]:
-    """While the block runs, each of :data:`STOPPING` raises :class:`Interrupted` (after an output's rename, if one
-    is under way; such signals are listed in the list yielded); ``SIGXFSZ`` is ignored. Restored after."""
+    """While the block runs, each of :data:`STOPPING` that is not ignored raises :class:`Interrupted` (after an
+    output's rename, if one is under way; such signals are listed in the list yielded). Restored after."""
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set from there
         yield []
         return
@@ -81,9 +82,7 @@ def stopping_signals() -> Iterator[list[int]]:
             return
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, handler) for s in STOPPING}
-    if hasattr(signal, "SIGXFSZ"):
-        previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    previous = {s: signal.signal(s, handler) for s in STOPPING if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield deferred
     finally:

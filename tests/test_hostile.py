@@ -389,6 +389,12 @@ def _dangling_output(work: Path) -> Path:
     return _sample("balle.pt")(work)
 
 
+def _fifo_output(work: Path) -> Path:
+    """A FIFO where the output would go (standing for any device: the code before issue 12 replaced /dev/null)."""
+    os.mkfifo(work / "out.pt")
+    return _sample("balle.pt")(work)
+
+
 def _symlinked_shards(work: Path) -> Path:
     """``ckpt/`` holds an index and symlinks to shards that live in ``store/``."""
     from safetensors.torch import save_file
@@ -721,8 +727,8 @@ KINDS: dict[str, Kind] = {
     "basis-unknown": _usage("--basis", "dct"),
     "output-dangling-symlink": Kind(_dangling_output, {"convert": 5}, args={"convert": ["-o", "{out}/out.pt"]},
                                     says="--force"),
-    "output-is-a-device": Kind(_sample("balle.pt"), {"convert": 5}, args={"convert": ["-o", "/dev/null", "--force"]},
-                               says="character device"),
+    "output-is-a-fifo": Kind(_fifo_output, {"convert": 5}, args={"convert": ["-o", "{out}/out.pt", "--force"]},
+                             says="FIFO"),
     # data loss: no output may replace or remove the input, a directory holding it, or what it resolves to
     "output-directory-holds-the-input": Kind(
         _sample("balle.safetensors"), {"convert": 5},

@@ -2,8 +2,9 @@
 what safetensors cannot hold, names that would drive the terminal, one file whatever the input format.
 
 Each test fails on the code before issue 12: stopping signals left hidden temporaries (SIGTERM, SIGHUP) or were an
-internal error (Ctrl-C in a .pt write); ulimit -f killed the process (SIGXFSZ); .pt to .safetensors crashed on tied
-tensors and ``_extra_state``; names were printed raw; the input could be truncated under a mapped .pt (SIGBUS).
+internal error (Ctrl-C in a .pt write); a refused .pt write was "internal error: RuntimeError [enforce fail]"; .pt to
+.safetensors crashed on tied tensors and ``_extra_state``; names were printed raw; the input could be truncated
+under a mapped .pt (SIGBUS).
 """
 
 from __future__ import annotations
@@ -139,6 +140,17 @@ def test_a_killed_run_leaves_only_a_hidden_temporary_which_the_next_run_removes(
     assert _hidden(big) == []
 
 
+def test_a_signal_the_process_was_started_ignoring_stays_ignored(big: Path) -> None:
+    """``nohup spectral ...`` ignores SIGHUP: the run goes on to the end."""
+    code = "import signal\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\n" + SLOW_CHILD
+    proc = _start(code, "convert", "big.pt", "-o", "out.pt", cwd=big)
+    _wait_for_temporary(big, proc)
+    proc.send_signal(signal.SIGHUP)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "out.pt" in listing(big) and _hidden(big) == []
+
+
 def test_a_temporary_that_a_live_process_holds_is_left_alone(samples: Path) -> None:
     """Another spectral writing the same output holds its temporary locked: not stale, not removed."""
     live = samples / ".out.pt.spectral-0123abcd.tmp"
@@ -180,7 +192,8 @@ app(args=sys.argv[1:], prog_name="spectral")
 
 @pytest.mark.parametrize("out", ["out.pt", "out.safetensors", "shards"])
 def test_a_file_size_limit_is_a_refused_write_not_a_killed_process(tmp_path: Path, out: str) -> None:
-    """ulimit -f: the write fails with EFBIG (SIGXFSZ would otherwise kill the process and leave its temporary)."""
+    """ulimit -f: the write fails with EFBIG, said as a refused write of that file with the fix (torch.save turned
+    it into "internal error: RuntimeError [enforce fail ...]")."""
     work = copy_samples(tmp_path, ["balle.pt", "balle.safetensors"])
     source = "balle.safetensors" if out == "shards" else "balle.pt"
     extra = ["--max-shard-size", "1MB"] if out == "shards" else []

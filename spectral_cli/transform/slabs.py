@@ -121,10 +121,9 @@ class Scratch:
                         pending.append((following[0], pool.submit(work, *following)))
                     yield start, value
                     del value
-            finally:
-                for _, result in pending:  # stopped early (a failed write): drop the slabs not started
-                    result.cancel()
-                wait([result for _, result in pending])
+            finally:  # stopped early (a failed write, a signal): drop the slabs not started, finish the others
+                # (a cancelled slab counts as done only once a worker takes it off the queue: not waited for)
+                wait([result for _, result in pending if not result.cancel()])
 
 
 def slab_bounds(rows: int, kernel_size: tuple[int, ...], row_bytes: int, slab_bytes: int) -> list[tuple[int, int]]:
