@@ -1,6 +1,6 @@
 """The two spectral bases against independent references (torch.fft and float64 math).
 
-Conventions under test (see spectral_cli/bases.py): one flattened kernel per row,
+Conventions under test (see spectral_cli/transform/bases.py): one flattened kernel per row,
 ``spatial = spectral @ synthesis`` and ``spectral = spatial @ analysis``.
 """
 

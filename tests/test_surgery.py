@@ -1,6 +1,6 @@
 """State-dict surgery: convert, bake, describe, foreign checkpoints, records.
 
-References are independent of ``spectral_cli.surgery``: ``torch.nn.utils.parametrize`` itself (through
+References are independent of ``spectral_cli.statedict.surgery``: ``torch.nn.utils.parametrize`` itself (through
 ``register_spectral_parametrization``), ``torch.fft`` directly, the seed package pytorch-parametrizations 1.0.0
 and CompressAI's ``SpectralConv2d``.
 """

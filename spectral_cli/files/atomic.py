@@ -73,13 +73,6 @@ def output_error(target: Path, e: OSError) -> OutputError:
     return OutputError(f"{target}: cannot be written ({reason}); no output was written; {fix}")
 
 
-def new_file_mode() -> int:
-    """``0o666`` less the process umask: the permissions ``open(path, "w")`` would give a new file."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _lock(fd: int, wait: bool = True) -> bool:
     """Lock ``fd`` (a file or a directory) for this process; False if another holds it (``wait=False``)."""
     if fcntl is None:
