@@ -144,6 +144,16 @@ def _is_masked(module: nn.Module, weight: torch.Tensor) -> bool:
     return isinstance(mask, torch.Tensor) and mask.shape == weight.shape
 
 
+def _computed_weight(module: nn.Module) -> str:
+    """Why a conv's ``weight`` is not a parameter of its own: an old-style hook computes it before each forward."""
+    hooks = {type(h).__name__ for h in module._forward_pre_hooks.values()}
+    if "WeightNorm" in hooks:
+        return "old-style weight_norm hook (weight_g, weight_v); use torch.nn.utils.parametrizations.weight_norm"
+    if "SpectralNorm" in hooks:
+        return "old-style spectral_norm hook (weight_orig); use torch.nn.utils.parametrizations.spectral_norm"
+    return "weight is not a parameter (computed by a hook)"
+
+
 def _clear_grad(module: nn.Module) -> None:
     # torch keeps the Parameter object across (un)registration: a gradient from the other coordinates would
     # be added to the new ones on the next backward (or fail on shape).
@@ -168,6 +178,8 @@ def _plan_register(
             reason = "weight has another parametrization"
         elif chosen and isinstance(weight, nn.parameter.UninitializedParameter):
             reason = "lazy module not initialized"
+        elif chosen and not isinstance(m._parameters.get("weight"), torch.Tensor):
+            reason = _computed_weight(m)
         else:
             dtype = str(weight.dtype).removeprefix("torch.")
             reason = why_not_convertible(kernel_size, dtype, masked=_is_masked(m, weight), selected=chosen)

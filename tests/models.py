@@ -268,7 +268,7 @@ def check_inspect_json(doc: Mapping[str, Any]) -> None:
     for layer in doc["layers"]:
         for name in ("name", "location", "key", "dtype"):
             assert isinstance(layer[name], str), (name, layer)
-        assert layer["domain"] in ("spectral", "spatial", "weight_norm", "parametrized")
+        assert layer["domain"] in ("spectral", "spatial", "weight_norm", "spectral_norm", "parametrized")
         assert layer["basis"] in ("rfft", "rdft", None)
         assert layer["kernel_size"] is None or _is_int_list(layer["kernel_size"])
         assert _is_int_list(layer["shape"]) and _is_int(layer["params"])

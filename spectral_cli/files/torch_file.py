@@ -73,7 +73,9 @@ def set_at(obj: Any, loc: tuple[str, ...], value: Any) -> Any:
 
 
 def is_state_dict(obj: Any) -> bool:
-    """A str-keyed mapping holding at least one tensor, and nothing but tensors and torch's ``_extra_state``."""
+    """A str-keyed mapping holding at least one tensor, and no mapping but torch's ``_extra_state``: a module's
+    state dict may also hold other values (a quantized linear's ``_packed_params``: a dtype, a tuple of tensors),
+    while a trainer's container holds its state dicts as mappings."""
     if not isinstance(obj, Mapping) or not obj:
         return False
     has_tensor = False
@@ -82,7 +84,7 @@ def is_state_dict(obj: Any) -> bool:
             return False
         if isinstance(value, torch.Tensor):
             has_tensor = True
-        elif not key.endswith("_extra_state"):
+        elif isinstance(value, Mapping) and not key.endswith("_extra_state"):
             return False
     return has_tensor
 
@@ -177,6 +179,11 @@ def load(path: Path, fmt: str, trust_pickle: bool) -> Any:
     except ModuleNotFoundError as e:  # trusted: the pickle names a class of a package that is not installed
         raise CheckpointError(f"{path}: its pickle needs the module {e.name!r}, which is not installed here; "
                               "install it, or save model.state_dict() instead") from None  # fmt: skip
+    except AttributeError as e:  # trusted: the module is there, the class is not (renamed, or defined in a script)
+        if not trust_pickle:
+            raise CheckpointError(f"{path}: is damaged or not a torch checkpoint ({first_line(e)})") from None
+        raise CheckpointError(f"{path}: its pickle needs a class this Python cannot find ({first_line(e)}); import "
+                              "the code that defines it, or save model.state_dict() instead") from None  # fmt: skip
     except pickle.UnpicklingError as e:
         name = _unsupported_global(str(e))
         if name is None or trust_pickle:

@@ -208,9 +208,10 @@ def plan_bake(
 class LayerInfo:
     """One layer as ``describe`` sees it.
 
-    ``domain`` is ``"spectral"``, ``"spatial"`` (a convertible conv kernel), ``"weight_norm"`` or
-    ``"parametrized"`` (another or unknown parametrization). ``inferred`` marks a spectral layer whose kernel
-    size was read from its shape (no record): a square kernel, the only consistent guess.
+    ``domain`` is ``"spectral"``, ``"spatial"`` (a convertible conv kernel), ``"weight_norm"`` (the
+    parametrization, or the old-style hook's ``weight_g``/``weight_v``), ``"spectral_norm"`` (the old-style hook's
+    ``weight_orig``) or ``"parametrized"`` (another or unknown parametrization). ``inferred`` marks a spectral
+    layer whose kernel size was read from its shape (no record): a square kernel, the only consistent guess.
     """
 
     name: str
@@ -241,6 +242,12 @@ def describe(
         if step is not None:
             layers.append(LayerInfo(step.name, key, "spectral", step.basis, step.kernel_size, spec.shape, spec.dtype,
                                     step.inferred))  # fmt: skip
+        elif key.endswith("weight_g") and f"{key[:-1]}v" in specs and is_conv_kernel_key(key[:-2], spec):
+            name = module_name(key, "weight_g")
+            layers.append(LayerInfo(name, key, "weight_norm", None, None, spec.shape, spec.dtype))
+        elif key.endswith("weight_orig") and f"{key[:-4]}u" in specs and is_conv_kernel_key(key[:-5], spec):
+            name = module_name(key, "weight_orig")
+            layers.append(LayerInfo(name, key, "spectral_norm", None, None, spec.shape, spec.dtype))
         elif key.endswith(SPECTRAL_SUFFIX + "0") and key[:-1] + "1" in specs:
             name = module_name(key, SPECTRAL_SUFFIX + "0")
             layers.append(LayerInfo(name, key, "weight_norm", None, None, spec.shape, spec.dtype))
