@@ -30,18 +30,32 @@ _EXPORTS = {
     "convert_state_dict": "statedict.surgery",
     "bake_state_dict": "statedict.surgery",
     "describe_state_dict": "statedict.surgery",
+    "plan_spectral_parametrization": "parametrization",
+    "load_spectral": "files.load",
+    "Loaded": "files.load",
+    "convert_file": "files.convert",
+    "bake_file": "files.convert",
+    "inspect_file": "files.inspect",
+    "Options": "files.convert",
 }
 
 __all__ = [
     "BASES",
     "AmbiguousKernelSizeError",
+    "Loaded",
+    "Options",
     "Registration",
     "SpectralError",
     "SpectralParametrization",
     "__version__",
+    "bake_file",
     "bake_state_dict",
+    "convert_file",
     "convert_state_dict",
     "describe_state_dict",
+    "inspect_file",
+    "load_spectral",
+    "plan_spectral_parametrization",
     "register_spectral_parametrization",
     "to_spatial",
     "to_spectral",
@@ -49,7 +63,15 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .errors import AmbiguousKernelSizeError, SpectralError
-    from .parametrization import Registration, SpectralParametrization, register_spectral_parametrization
+    from .files.convert import Options, bake_file, convert_file
+    from .files.inspect import inspect_file
+    from .files.load import Loaded, load_spectral
+    from .parametrization import (
+        Registration,
+        SpectralParametrization,
+        plan_spectral_parametrization,
+        register_spectral_parametrization,
+    )
     from .statedict.surgery import bake_state_dict, convert_state_dict, describe_state_dict
     from .transform.bases import to_spatial, to_spectral
     from .transform.kernels import BASES

@@ -210,6 +210,36 @@ def _plan_undo(
     return todo, skipped
 
 
+def _plan(
+    module: nn.Module, undo: bool, include: str | Iterable[str] | None, exclude: str | Iterable[str] | None
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    if not isinstance(module, nn.Module):
+        raise SpectralError(f"register_spectral_parametrization takes an nn.Module, got {type(module).__name__}")
+    inc, exc = glob_patterns(include, "include"), glob_patterns(exclude, "exclude")
+    return (_plan_undo if undo else _plan_register)(module, inc, exc)
+
+
+def plan_spectral_parametrization(
+    module: nn.Module,
+    undo: bool = False,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> Registration:
+    """What :func:`register_spectral_parametrization` would do with these arguments, without doing it.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 1))
+        >>> plan_spectral_parametrization(net)
+        Registration(changed=('0',), skipped=(('1', '1x1 kernel'),))
+        >>> type(net[0]).__name__
+        'Conv2d'
+    """
+    todo, skipped = _plan(module, undo, include, exclude)
+    return Registration(changed=tuple(name for name, _ in todo), skipped=tuple(skipped))
+
+
 def register_spectral_parametrization(
     module: nn.Module,
     undo: bool = False,
@@ -239,11 +269,8 @@ def register_spectral_parametrization(
         >>> type(net[0]).__name__
         'Conv2d'
     """
-    if not isinstance(module, nn.Module):
-        raise SpectralError(f"register_spectral_parametrization takes an nn.Module, got {type(module).__name__}")
     basis = check_basis(basis)
-    inc, exc = glob_patterns(include, "include"), glob_patterns(exclude, "exclude")
-    todo, skipped = (_plan_undo if undo else _plan_register)(module, inc, exc)
+    todo, skipped = _plan(module, undo, include, exclude)
     for _, m in todo:
         if undo:
             _own_class(m)
