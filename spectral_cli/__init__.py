@@ -31,6 +31,7 @@ _EXPORTS = {
     "bake_state_dict": "statedict.surgery",
     "describe_state_dict": "statedict.surgery",
     "plan_spectral_parametrization": "parametrization",
+    "spectral_shard_placement": "parametrization",
     "load_spectral": "files.load",
     "Loaded": "files.load",
     "convert_file": "files.convert",
@@ -57,6 +58,7 @@ __all__ = [
     "load_spectral",
     "plan_spectral_parametrization",
     "register_spectral_parametrization",
+    "spectral_shard_placement",
     "to_spatial",
     "to_spectral",
 ]
@@ -71,6 +73,7 @@ if TYPE_CHECKING:
         SpectralParametrization,
         plan_spectral_parametrization,
         register_spectral_parametrization,
+        spectral_shard_placement,
     )
     from .statedict.surgery import bake_state_dict, convert_state_dict, describe_state_dict
     from .transform.bases import to_spatial, to_spectral

@@ -16,7 +16,7 @@ Example (the seed package's README, with the import switched):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -283,3 +283,43 @@ def register_spectral_parametrization(
             kernel_size = cast(tuple[int, ...], m.kernel_size)
             parametrize.register_parametrization(m, "weight", SpectralParametrization(kernel_size, basis))
     return Registration(changed=tuple(name for name, _ in todo), skipped=tuple(skipped))
+
+
+def spectral_shard_placement(module: nn.Module, world_size: Any) -> Callable[[nn.Parameter], Any]:
+    """A ``shard_placement_fn`` for FSDP2's ``fully_shard`` that spreads rfft coefficients over every rank.
+
+    FSDP2 shards dim 0 by default, which for the ``rfft`` basis holds the 2 planes (real, imaginary): with more
+    than 2 ranks the others would hold nothing of those layers. This shards each of them on its first dim after
+    the planes whose size ``world_size`` divides (the output channels, else the input channels: FSDP2 shards other
+    dims evenly only), and leaves every other parameter to FSDP2's default. ``world_size`` is the sharding mesh's
+    size (an int, or the ``DeviceMesh``). Register the parametrization before calling ``fully_shard``.
+
+    Example:
+        >>> import torch
+        >>> from spectral_cli import register_spectral_parametrization
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 6, 3))
+        >>> _ = register_spectral_parametrization(net)
+        >>> place = spectral_shard_placement(net, 4)  # fully_shard(layer, mesh=mesh, shard_placement_fn=place)
+        >>> place(net[0].parametrizations.weight.original), place(net[1].parametrizations.weight.original)
+        (Shard(dim=1), Shard(dim=2))
+        >>> place(net[0].bias) is None
+        True
+    """
+    from torch.distributed.tensor import Shard
+
+    size = world_size.size() if hasattr(world_size, "size") else int(world_size)
+    dims: dict[int, int] = {}
+    for m in module.modules():
+        parametrization = spectral_parametrization_of(m)
+        if parametrization is None or parametrization.basis != "rfft":
+            continue
+        original = _weight_parametrizations(m).original
+        dim = next((d for d in range(1, original.dim()) if original.shape[d] % size == 0), None)
+        if dim is not None:
+            dims[id(original)] = dim
+
+    def placement(param: nn.Parameter) -> Any:
+        dim = dims.get(id(param))
+        return None if dim is None else Shard(dim)
+
+    return placement

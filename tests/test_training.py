@@ -209,6 +209,78 @@ def test_distributed_training_equals_one_process(distributed: Any, mode: str) ->
         assert torch.equal(ranks[0][mode][key], ranks[1][mode][key]), key
 
 
+# ---- FSDP2 on 4 ranks: the rfft coefficients sharded on their channels -----------------------------------------
+
+WORLD4 = 4
+
+
+def build4(seed: int = 0) -> nn.Module:
+    """rfft convs whose channels 4 divides (one transposed), and an rdft one: float64 for exact comparisons."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, (3, 5), padding=(1, 2)),
+        nn.ReLU(),
+        nn.ConvTranspose2d(12, 3, 4, stride=2, padding=1),
+    ).to(torch.float64)
+    register_spectral_parametrization(model, include=["0", "4"])
+    register_spectral_parametrization(model, basis="rdft", include=["2"])
+    return model
+
+
+def _fsdp4_worker(rank: int, port: int, out: str) -> None:
+    """Each rank trains with and without the placement; saves its local spectral bytes and the full parameters."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from spectral_cli import spectral_shard_placement
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD4, timeout=datetime.timedelta(seconds=120))
+    results: dict[str, Any] = {}
+    try:
+        mesh = init_device_mesh("cpu", (WORLD4,))
+        for placed in (False, True):
+            model = build4()
+            place = spectral_shard_placement(model, mesh) if placed else None
+            for layer in (model[0], model[2], model[4]):
+                fully_shard(layer, mesh=mesh, shard_placement_fn=place)
+            fully_shard(model, mesh=mesh, shard_placement_fn=place)
+            local = sum(p.to_local().numel() * p.element_size() for n, p in model.named_parameters()
+                        if n.endswith("parametrizations.weight.original"))  # fmt: skip
+            _train(model, rank, WORLD4, "cpu")
+            state = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
+            results["placed" if placed else "default"] = {"bytes": local, "state": state}
+            dist.barrier()
+    except Exception:
+        results["error"] = traceback.format_exc()
+    finally:
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+def test_fsdp2_on_four_ranks_spreads_the_rfft_coefficients(tmp_path: Path) -> None:
+    """fully_shard splits dim 0, the rfft planes: 2 of 4 ranks held nothing of those layers. With
+    spectral_shard_placement every rank holds a quarter, and training gives one process's parameters."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp4_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD4, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD4)]
+    assert all("error" not in r for r in ranks), next(r["error"] for r in ranks if "error" in r)
+    reference = build4()
+    _train(reference, 0, 1, "cpu")
+    placed = [r["placed"]["bytes"] for r in ranks]
+    default = [r["default"]["bytes"] for r in ranks]
+    assert max(placed) <= 1.5 * min(placed), placed
+    assert min(default) == 0 or max(default) > 1.5 * min(default), default  # what the placement fixes
+    for r in ranks:
+        for key, value in reference.state_dict().items():
+            assert rel_err(r["placed"]["state"][key], value) <= 1e-6, key
+
+
 # ---- parametrize.cached() in evaluation -----------------------------------------------------------------------
 
 

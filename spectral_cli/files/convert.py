@@ -35,11 +35,12 @@ from typing import Any, Literal
 from ..errors import NothingToDoError, RefusedError
 from ..statedict.keys import TensorSpec
 from ..statedict.plan import Plan, Skipped, Step, plan_bake, plan_convert
+from ..statedict.records import METADATA_KEY
 from ..statedict.surgery import Changes, LayerChange, assemble, execute, with_records
 from ..transform.kernels import DEFAULT_BASIS
 from ..transform.slabs import SLAB_BYTES, Scratch
 from .atomic import Output
-from .formats import SAFETENSORS, SHARDED, TORCH, check_output, default_output, output_format
+from .formats import DCP, SAFETENSORS, SHARDED, TORCH, check_output, default_output, output_format
 from .safetensors_io import WRITEBACK_BYTES, file_metadata, refuse_unstorable, verify_header, write_safetensors
 from .sources import Part, Source, open_source
 from .syscalls import SYSCALLS, Syscalls
@@ -212,6 +213,8 @@ def _sink(src: Source, plans: list[tuple[Part, Plan]], options: Options, tag: st
             raise RefusedError(f"{out}: safetensors shards are written as safetensors; give -o a directory or a "
                                ".safetensors file")  # fmt: skip
         return _shards_sink(src, plans[0], out or default_output(src.path, tag, SHARDED), options)
+    if src.format == DCP and (out is None or output_format(out, DCP) == DCP):
+        return _dcp_sink(src, plans, out or default_output(src.path, tag, DCP), options)
     target = out or default_output(src.path, tag, output_format(src.path, src.format))
     if output_format(target, src.format) == SAFETENSORS:
         return _safetensors_sink(src, plans, target, options)
@@ -230,7 +233,8 @@ def _produce(part: Part, plan: Plan, run: Run) -> Callable[[str], Any]:
 
 
 def _safetensors_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options: Options) -> Sink:
-    if len(plans) != 1 or plans[0][0].location != ():
+    whole = plans[0][0].location == () or src.format == DCP  # a DCP model's state dict may be written alone
+    if len(plans) != 1 or not whole:
         raise RefusedError(f"{target}: safetensors holds only tensors, and {src.path} is a container; write a .pt file")
     part, plan = plans[0]
     if part.values is not None:
@@ -268,6 +272,9 @@ def _torch_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, optio
     if src.format == SHARDED:
         raise RefusedError(f"{target}: safetensors shards are written as safetensors; give -o a directory or a "
                            ".safetensors file")  # fmt: skip
+    if src.format == DCP:
+        raise RefusedError(f"{target}: a distributed checkpoint is written as one (give -o a directory) or, one state "
+                           "dict of it, as .safetensors")  # fmt: skip
     container = getattr(src, "obj", None)
     dropped = optimizer_keys(container)
 
@@ -296,6 +303,51 @@ def _by_name(specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
     """A safetensors file's tensors in the order of their names, as safetensors lists them: the file then does not
     depend on the order of its input (a torch state dict's, a header's, an index's)."""
     return dict(sorted(specs.items()))
+
+
+def _dcp_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options: Options) -> Sink:
+    """A distributed checkpoint in, one out: the same entries, the converted state dicts changed, optimizer state
+    dropped, each tensor computed when torch's writer asks for it."""
+    import torch
+
+    from .dcp import DcpSource, DcpTensor, fsync_tree, nest, records_entry, verify_dcp, write_dcp
+
+    assert isinstance(src, DcpSource)
+    dropped = src.optimizer_groups()
+
+    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
+        flat = src.others([part.location for part, _ in plans], dropped)
+        paths = dict(src.paths)
+        produce: dict[str, Callable[[], torch.Tensor]] = {}
+
+        for fqn, value in flat.items():
+            if isinstance(value, torch.Tensor):
+                spec = TensorSpec(tuple(value.shape), str(value.dtype).removeprefix("torch."))
+                produce[fqn] = DcpTensor(src, fqn, spec).whole
+        for part, plan in plans:
+            steps = {s.source_key: s for s in plan.steps}
+            for key, spec in part.specs.items():
+                step = steps.get(key)
+                name = step.target_key if step else key
+                after = TensorSpec(step.shape_after, step.out_dtype) if step else spec
+                fqn = ".".join((*part.location, name))
+                flat[fqn] = torch.empty(after.shape, dtype=getattr(torch, after.dtype), device="meta")
+                paths[fqn] = (*part.location, name)
+                produce[fqn] = _transformed(part, step, run) if step else part.tensor(key).whole
+            if plan.records:
+                fqn = ".".join((*part.location, METADATA_KEY))
+                flat[fqn], paths[fqn] = records_entry(plan.records), (*part.location, METADATA_KEY)
+        write_dcp(output.path, nest(flat, paths), lambda fqn: produce[fqn](), target)
+        fsync_tree(output.path)
+        expected = {fqn: TensorSpec(tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                    for fqn, v in flat.items() if isinstance(v, torch.Tensor)}  # fmt: skip
+        return lambda written: verify_dcp(written, expected, target)
+
+    return Sink(target, DCP, True, write, dropped=dropped)
+
+
+def _transformed(part: Part, step: Step, run: Run) -> Callable[[], Any]:
+    return lambda: assemble(step, run(part, step))[0]
 
 
 def _total(specs: dict[str, TensorSpec]) -> int:

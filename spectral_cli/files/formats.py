@@ -6,7 +6,8 @@ Formats, detected from the bytes, never from the extension:
 * ``safetensors`` -- 8-byte little-endian header length, then a JSON header;
 * ``safetensors-sharded`` -- a directory (or its ``*.safetensors.index.json``) of Hugging Face shards;
 * ``torch`` -- ``torch.save``'s zip archive (``.pt``, ``.pth``, ``.bin``, ``.ckpt``);
-* ``torch-legacy`` -- the pre-1.6 pickle stream; read, and written back as a zip archive.
+* ``torch-legacy`` -- the pre-1.6 pickle stream; read, and written back as a zip archive;
+* ``dcp`` -- a ``torch.distributed.checkpoint`` directory (a ``.metadata`` file and the ranks' chunks).
 
 Only regular files and directories are read: a FIFO or a device is refused before it is opened for reading,
 so that nothing blocks or reads forever.
@@ -26,6 +27,7 @@ SAFETENSORS = "safetensors"
 SHARDED = "safetensors-sharded"
 TORCH = "torch"
 TORCH_LEGACY = "torch-legacy"
+DCP = "dcp"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -62,7 +64,8 @@ def find_index(directory: Path) -> Path:
     found = sorted(directory.glob(f"*{INDEX_SUFFIX}"))
     if len(found) != 1:
         what = "no" if not found else "more than one"
-        raise CheckpointError(f"{directory}: is a directory with {what} *{INDEX_SUFFIX}; pass a checkpoint file")
+        raise CheckpointError(f"{directory}: is a directory with {what} *{INDEX_SUFFIX} (and no DCP .metadata); pass "
+                              "a checkpoint file")  # fmt: skip
     return found[0]
 
 
@@ -75,6 +78,8 @@ def detect_format(path: Path) -> str:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror}); check the path") from None
     if stat.S_ISDIR(mode):
+        if (path / ".metadata").is_file():
+            return DCP
         find_index(path)
         return SHARDED
     if path.name.endswith(INDEX_SUFFIX) and stat.S_ISREG(mode):
@@ -113,7 +118,7 @@ def output_format(path: Path, input_format: str) -> str:
 
 def default_output(source: Path, tag: str, fmt: str) -> Path:
     """``model.pt`` -> ``model.<tag>.pt``, ``shards/`` -> ``shards.<tag>/`` (an earlier tag is replaced)."""
-    if fmt == SHARDED:
+    if fmt in (SHARDED, DCP):
         base = source if source.is_dir() else source.parent
         name = base.name.removesuffix(".spectral").removesuffix(".baked")
         return base.with_name(f"{name}.{tag}")

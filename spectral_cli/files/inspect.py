@@ -3,7 +3,7 @@
 Every format is opened as the same source as convert reads. safetensors files and sharded directories are listed
 from their headers alone (no torch, no tensor data), so a file of many GB lists in a fraction of a second. The
 energy profile needs the tensors: by default it is computed for torch files (already loaded) and, for
-safetensors, only when asked (``energy=True``), one tensor at a time.
+safetensors and distributed checkpoints, only when asked (``energy=True``), one tensor at a time.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..statedict.plan import LayerInfo, describe
-from .formats import SAFETENSORS, SHARDED
+from .formats import DCP, SAFETENSORS, SHARDED
 from .sources import open_source
 
 
@@ -54,7 +54,7 @@ def inspect_file(
     path = Path(source)
     with contextlib.closing(open_source(path, trust_pickle=trust_pickle)) as src:
         if energy is None:
-            energy = src.format not in (SAFETENSORS, SHARDED)
+            energy = src.format not in (SAFETENSORS, SHARDED, DCP)
         layers: list[tuple[str, LayerInfo]] = []
         profiles: dict[tuple[str, str], list[float]] = {}
         params = nbytes = 0
