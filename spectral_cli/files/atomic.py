@@ -255,6 +255,8 @@ class Output:
             return self._files[0]
         path = self.path / (name or "")
         try:
+            if path.parent != self.path:
+                path.parent.mkdir(parents=True, exist_ok=True)
             fd = self.syscalls.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except OSError as e:
             raise output_error(self.target, e) from None

@@ -40,7 +40,17 @@ from ..statedict.surgery import Changes, LayerChange, assemble, execute, with_re
 from ..transform.kernels import DEFAULT_BASIS
 from ..transform.slabs import SLAB_BYTES, Scratch
 from .atomic import Output
-from .formats import DCP, SAFETENSORS, SHARDED, TORCH, check_output, default_output, output_format
+from .formats import (
+    DCP,
+    MODEL_DIR,
+    SAFETENSORS,
+    SHARDED,
+    TORCH,
+    TORCH_SUFFIXES,
+    check_output,
+    default_output,
+    output_format,
+)
 from .safetensors_io import WRITEBACK_BYTES, file_metadata, refuse_unstorable, verify_header, write_safetensors
 from .sources import Part, Source, open_source
 from .syscalls import SYSCALLS, Syscalls
@@ -205,6 +215,8 @@ def _prefixed(patterns: Sequence[str] | None, prefix: str) -> list[str] | None:
 def _sink(src: Source, plans: list[tuple[Part, Plan]], options: Options, tag: str) -> Sink:
     """Choose the output (its name, format and layout) and check that the input can go there."""
     out = None if options.output is None else Path(options.output)
+    if src.format == MODEL_DIR:
+        return _directory_sink(src, plans, out or default_output(src.path, tag, MODEL_DIR), options)
     sharded_in = src.format == SHARDED
     if options.max_shard_size is not None or (sharded_in and (out is None or out.suffix != ".safetensors")):
         if src.format not in (SAFETENSORS, SHARDED):
@@ -250,17 +262,19 @@ def _safetensors_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path,
 
 
 def _shards_sink(src: Source, planned: tuple[Part, Plan], target: Path, options: Options) -> Sink:
-    from .shards import index_name_of, shard_layout, write_shards
+    from .formats import INDEX_SUFFIX
+    from .shards import shard_layout, stem_of, write_shards
 
     part, plan = planned
     specs = _by_name(plan.output_specs(part.specs))
     source_of = {s.target_key: s.source_key for s in plan.steps}
     owner: dict[str, str] = getattr(src, "owner", {})
-    layout = shard_layout(specs, options.max_shard_size, lambda key: owner.get(source_of.get(key, key)))
+    stem = stem_of(src)
+    layout = shard_layout(specs, options.max_shard_size, lambda key: owner.get(source_of.get(key, key)), stem)
 
     def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
         return write_shards(output, layout, specs, src.metadata, plan.records, getattr(src, "index", {}),
-                            index_name_of(src), _produce(part, plan, run), tick,
+                            stem + INDEX_SUFFIX, _produce(part, plan, run), tick,
                             options.io.writeback_bytes)  # fmt: skip
 
     return Sink(target, SHARDED, True, write, _total(specs), len(specs))
@@ -344,6 +358,55 @@ def _dcp_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options
         return lambda written: verify_dcp(written, expected, target)
 
     return Sink(target, DCP, True, write, dropped=dropped)
+
+
+def _directory_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options: Options) -> Sink:
+    """A model directory: each weight unit written by the sink of its format under its own name, every other file
+    copied, all in one staging directory."""
+    from .model_dir import ModelDirSource, SubOutput
+
+    assert isinstance(src, ModelDirSource)
+    if target.suffix in (".safetensors", *TORCH_SUFFIXES):
+        raise RefusedError(f"{target}: a model directory is written as one; give -o a directory name")
+    planned = iter(plans)
+    units: list[tuple[Path, Sink | None, Source]] = []
+    for unit, unit_src in src.units:
+        local = [(part, next(planned)[1]) for part in unit_src.parts]
+        if not any(plan.steps for _, plan in local):
+            units.append((unit, None, unit_src))
+        elif unit_src.format == SHARDED or (unit_src.format == SAFETENSORS and options.max_shard_size is not None):
+            units.append((unit, _shards_sink(unit_src, local[0], target / unit.parent, options), unit_src))
+        elif unit_src.format == SAFETENSORS:
+            units.append((unit, _safetensors_sink(unit_src, local, target / unit, options), unit_src))
+        else:
+            units.append((unit, _torch_sink(unit_src, local, target / unit, options), unit_src))
+
+    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
+        checks: list[tuple[Path, Callable[[Path], None]]] = []
+        kept = list(src.others)
+        for unit, sink, unit_src in units:
+            if sink is None:  # nothing to change: its files as they are
+                kept += [unit.parent / p.name for p in unit_src.inputs() if p.is_file()]
+                continue
+            view = SubOutput(output, unit, sink.directory)
+
+            def unit_run(part: Part, step: Step, unit: Path = unit) -> Changes:
+                return run(ModelDirSource.prefixed(unit, part), step)
+
+            check = sink.write(view, unit_run, tick)  # type: ignore[arg-type]
+            checks.append((view.path.relative_to(output.path), check))
+        src.copy(kept, output)
+
+        def verify(written: Path) -> None:
+            for relative, check in checks:
+                check(written / relative)
+
+        return verify
+
+    dropped = [f"{unit}/{name}" for unit, sink, _ in units if sink is not None for name in sink.dropped]
+    total = sum(sink.total_bytes for _, sink, _ in units if sink is not None)
+    tensors = sum(sink.total_tensors for _, sink, _ in units if sink is not None)
+    return Sink(target, MODEL_DIR, True, write, total, tensors, dropped)
 
 
 def _transformed(part: Part, step: Step, run: Run) -> Callable[[], Any]:

@@ -7,7 +7,9 @@ Formats, detected from the bytes, never from the extension:
 * ``safetensors-sharded`` -- a directory (or its ``*.safetensors.index.json``) of Hugging Face shards;
 * ``torch`` -- ``torch.save``'s zip archive (``.pt``, ``.pth``, ``.bin``, ``.ckpt``);
 * ``torch-legacy`` -- the pre-1.6 pickle stream; read, and written back as a zip archive;
-* ``dcp`` -- a ``torch.distributed.checkpoint`` directory (a ``.metadata`` file and the ranks' chunks).
+* ``dcp`` -- a ``torch.distributed.checkpoint`` directory (a ``.metadata`` file and the ranks' chunks);
+* ``directory`` -- any other directory: a model directory as Hugging Face libraries save them (weight files,
+  ``config.json`` and the rest, component folders), read unit by unit.
 
 Only regular files and directories are read: a FIFO or a device is refused before it is opened for reading,
 so that nothing blocks or reads forever.
@@ -28,6 +30,7 @@ SHARDED = "safetensors-sharded"
 TORCH = "torch"
 TORCH_LEGACY = "torch-legacy"
 DCP = "dcp"
+MODEL_DIR = "directory"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -37,7 +40,8 @@ _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFB
           stat.S_IFSOCK: "a socket"}  # fmt: skip
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
+    """What a file that is not a regular file is: 'a FIFO', 'a character device'..."""
     return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
@@ -53,7 +57,7 @@ def open_regular(path: Path) -> int:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise CheckpointError(f"{path}: is {_kind(mode)}, not a checkpoint file; pass a checkpoint file")
+        raise CheckpointError(f"{path}: is {kind_of(mode)}, not a checkpoint file; pass a checkpoint file")
     if hasattr(os, "O_NONBLOCK"):
         os.set_blocking(fd, True)
     return fd
@@ -69,6 +73,13 @@ def find_index(directory: Path) -> Path:
     return found[0]
 
 
+def _only_shards(directory: Path) -> bool:
+    """A directory of one index and its ``*.safetensors`` shards, and nothing else."""
+    entries = [e for e in directory.iterdir() if not e.name.startswith(".")]
+    indexes = [e for e in entries if e.name.endswith(INDEX_SUFFIX)]
+    return len(indexes) == 1 and all(e.is_file() and (e in indexes or e.suffix == ".safetensors") for e in entries)
+
+
 def detect_format(path: Path) -> str:
     """The checkpoint format of ``path``, read from its first bytes."""
     try:
@@ -80,8 +91,7 @@ def detect_format(path: Path) -> str:
     if stat.S_ISDIR(mode):
         if (path / ".metadata").is_file():
             return DCP
-        find_index(path)
-        return SHARDED
+        return SHARDED if _only_shards(path) else MODEL_DIR
     if path.name.endswith(INDEX_SUFFIX) and stat.S_ISREG(mode):
         return SHARDED
     fd = open_regular(path)
@@ -118,7 +128,7 @@ def output_format(path: Path, input_format: str) -> str:
 
 def default_output(source: Path, tag: str, fmt: str) -> Path:
     """``model.pt`` -> ``model.<tag>.pt``, ``shards/`` -> ``shards.<tag>/`` (an earlier tag is replaced)."""
-    if fmt in (SHARDED, DCP):
+    if fmt in (SHARDED, DCP, MODEL_DIR):
         base = source if source.is_dir() else source.parent
         name = base.name.removesuffix(".spectral").removesuffix(".baked")
         return base.with_name(f"{name}.{tag}")
@@ -156,7 +166,7 @@ def check_output(inputs: Iterable[Path], target: Path, *, force: bool, directory
     if exists and not os.path.islink(target):
         mode = target.lstat().st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise RefusedError(f"{target}: is {_kind(mode)}; give a file path with -o")
+            raise RefusedError(f"{target}: is {kind_of(mode)}; give a file path with -o")
     if target.is_dir() and not directory:
         raise RefusedError(f"{target}: is a directory; give a file name with -o")
     if exists and directory and not target.is_dir():

@@ -109,10 +109,14 @@ class ShardSource:
 
 
 def shard_layout(
-    specs: Mapping[str, TensorSpec], max_shard_size: int | None, source_shard: Callable[[str], str | None]
+    specs: Mapping[str, TensorSpec],
+    max_shard_size: int | None,
+    source_shard: Callable[[str], str | None],
+    stem: str = "model",
 ) -> dict[str, list[str]]:
     """Output file name -> its keys: the input's shards (``source_shard(key)`` names the shard of each output key),
-    or new shards of at most ``max_shard_size`` bytes."""
+    or new shards of at most ``max_shard_size`` bytes, named as Hugging Face names them:
+    ``<stem>-00001-of-00003.safetensors``."""
     if max_shard_size is None:
         layout: dict[str, list[str]] = {}
         for key in specs:
@@ -127,7 +131,7 @@ def shard_layout(
         shards[-1].append(key)
         size += spec.nbytes
     n = len(shards)
-    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": keys for i, keys in enumerate(shards)}
+    return {f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors": keys for i, keys in enumerate(shards)}
 
 
 def write_shards(
@@ -167,7 +171,11 @@ def write_shards(
     return verify
 
 
-def index_name_of(source: Any) -> str:
-    """The index name of sharded output: the input's, or ``model.safetensors.index.json``."""
+def stem_of(source: Any) -> str:
+    """The name sharded output is written under: the input index's (``diffusion_pytorch_model`` for
+    ``diffusion_pytorch_model.safetensors.index.json``), a single file's stem, or ``model``."""
     index_path = getattr(source, "index_path", None)
-    return index_path.name if index_path is not None else f"model{INDEX_SUFFIX}"
+    if index_path is not None:
+        return str(index_path.name).removesuffix(INDEX_SUFFIX)
+    path = Path(getattr(source, "path", "model"))
+    return path.stem if path.suffix == ".safetensors" else "model"

@@ -2,8 +2,8 @@
 records with its tensors read on demand, and the paths the input resolves to. Imports no torch.
 
 :func:`open_source` detects the format and opens the one source of that format: a torch file
-(:mod:`.torch_file`), a safetensors file (:mod:`.safetensors_io`), a directory of shards (:mod:`.shards`) or a
-distributed checkpoint (:mod:`.dcp`).
+(:mod:`.torch_file`), a safetensors file (:mod:`.safetensors_io`), a directory of shards (:mod:`.shards`), a
+distributed checkpoint (:mod:`.dcp`) or a model directory of several such units (:mod:`.model_dir`).
 Opening reads and checks everything that describes the tensors (a torch file is loaded; a safetensors header
 parsed), so a damaged or lying input is refused before any output exists.
 """
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import CheckpointError
 from ..statedict.keys import TensorSpec, key_prefix
 from ..statedict.records import LayerRecord
-from .formats import DCP, SAFETENSORS, SHARDED, detect_format
+from .formats import DCP, MODEL_DIR, SAFETENSORS, SHARDED, detect_format
 from .syscalls import SYSCALLS, Syscalls
 
 if TYPE_CHECKING:
@@ -126,6 +126,10 @@ def open_source(path: Path, *, trust_pickle: bool = False, syscalls: Syscalls = 
         from .dcp import DcpSource
 
         return DcpSource(path, trust_pickle)
+    if fmt == MODEL_DIR:
+        from .model_dir import ModelDirSource
+
+        return ModelDirSource(path, trust_pickle, syscalls)
     from .torch_file import TorchSource
 
     return TorchSource(path, fmt, trust_pickle)

@@ -1,0 +1,156 @@
+"""Model directories as Hugging Face libraries save them: the weight files of a ``save_pretrained`` directory (and
+of each component folder of a diffusers pipeline) converted under their own names, everything else kept.
+
+A directory is read as *units*, each one checkpoint of its own: a ``*.safetensors.index.json`` with its shards, a
+single ``*.safetensors`` file, or a torch weight file (``pytorch_model.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``).
+Every other file (``config.json``, scheduler and tokenizer files, a README) is copied as it is, so that
+``from_pretrained`` of the converted or baked directory finds what it found before. The output directory is
+written as one staging directory and renamed into place at once. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .atomic import OutFile, Output
+from .formats import INDEX_SUFFIX, MODEL_DIR, kind_of
+from .sources import Part, Source
+from .syscalls import SYSCALLS, Syscalls
+
+#: torch weight files a model directory may hold (other ``.bin`` files, such as ``training_args.bin``, are kept)
+TORCH_WEIGHTS = (".pt", ".pth", ".ckpt")
+TORCH_WEIGHT_BINS = ("pytorch_model", "diffusion_pytorch_model")
+#: the deepest folder searched for weight files (a pipeline's components are one level down)
+MAX_DEPTH = 3
+
+
+def _files(root: Path) -> Iterator[Path]:
+    """Every regular file below ``root`` (relative), hidden ones (and our temporaries) left out."""
+    for directory, folders, names in os.walk(root):
+        relative = Path(directory).relative_to(root)
+        folders[:] = sorted(f for f in folders if not f.startswith(".") and len(relative.parts) < MAX_DEPTH)
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            if not (Path(directory) / name).is_file():  # a FIFO or a device: reading it could block or never end
+                path = Path(directory) / name
+                kind = kind_of(os.stat(path).st_mode) if os.path.exists(path) else "a dangling symlink"
+                raise CheckpointError(f"{path}: is {kind}, not a file of a model directory; remove it")
+            yield relative / name
+
+
+def is_torch_weights(name: str) -> bool:
+    return name.endswith(TORCH_WEIGHTS) or (name.endswith(".bin") and name.startswith(TORCH_WEIGHT_BINS))
+
+
+def units_of(root: Path) -> tuple[list[Path], list[Path]]:
+    """The weight units of a directory (index files, single safetensors files, torch weight files), and the other
+    files, each relative to ``root``."""
+    files = list(_files(root))
+    units: list[Path] = []
+    claimed: set[Path] = set()
+    for path in files:
+        if path.name.endswith(INDEX_SUFFIX):
+            try:
+                weight_map = json.loads((root / path).read_text()).get("weight_map", {})
+            except (OSError, ValueError, AttributeError, RecursionError):
+                raise CheckpointError(
+                    f"{root / path}: not a safetensors index (a JSON object with a weight_map)"
+                ) from None
+            shards = {path.parent / str(name) for name in dict(weight_map).values()}
+            if shards & claimed:
+                raise CheckpointError(f"{root / path}: names shards another index of {root} names too; keep one index")
+            claimed |= shards
+            units.append(path)
+        elif path.name.endswith(".bin.index.json"):
+            raise CheckpointError(f"{root / path}: torch weights sharded in .bin files are not read; save them with "
+                                  "safe_serialization=True (safetensors shards) and convert that")  # fmt: skip
+    for path in files:
+        if path in claimed or path in units:
+            continue
+        if path.suffix == ".safetensors" or is_torch_weights(path.name):
+            units.append(path)
+    others = [p for p in files if p not in claimed and p not in units]
+    return units, others
+
+
+class SubOutput:
+    """The part of an :class:`Output` directory where one unit is written: the unit's file, or (shards) files
+    beside its index."""
+
+    def __init__(self, output: Output, unit: Path, directory: bool) -> None:
+        self.output, self.unit, self.directory = output, unit, directory
+        self.target = output.target / unit
+        self.path = output.path / (unit.parent if directory else unit)
+
+    def file(self, name: str | None = None) -> OutFile:
+        return self.output.file(str(self.unit if name is None else self.unit.parent / name))
+
+    def done(self, out: OutFile) -> None:
+        self.output.done(out)
+
+
+class ModelDirSource:
+    """A model directory as a source: the parts of every unit, their locations prefixed with the unit's path."""
+
+    format = MODEL_DIR
+
+    def __init__(self, path: Path, trust_pickle: bool = False, syscalls: Syscalls = SYSCALLS) -> None:
+        from .sources import open_source
+
+        self.path = path
+        units, self.others = units_of(path)
+        if not units:
+            raise CheckpointError(f"{path}: a directory without weight files (.safetensors, an index of shards, "
+                                  "pytorch_model.bin, .pt); pass a checkpoint")  # fmt: skip
+        self.units: list[tuple[Path, Source]] = []
+        try:
+            for unit in units:
+                self.units.append((unit, open_source(path / unit, trust_pickle=trust_pickle, syscalls=syscalls)))
+        except BaseException:
+            self.close()
+            raise
+        self.parts = [self.prefixed(unit, part) for unit, source in self.units for part in source.parts]
+
+    @staticmethod
+    def prefixed(unit: Path, part: Part) -> Part:
+        """``part`` of ``unit`` as this directory's part: its location starts with the unit's path."""
+        import dataclasses
+
+        return dataclasses.replace(part, location=(str(unit), *part.location))
+
+    def inputs(self) -> list[Path]:
+        return [self.path, *(p for _, source in self.units for p in source.inputs())]
+
+    def metadata(self, name: str | None = None) -> dict[str, str]:
+        return {}
+
+    def check_unchanged(self) -> None:
+        for _, source in self.units:
+            source.check_unchanged()
+
+    def close(self) -> None:
+        for _, source in self.units:
+            source.close()
+
+    def copy(self, files: list[Path], output: Output) -> None:
+        """Copy ``files`` (relative to this directory) into the output directory as they are, synced."""
+        for relative in files:
+            destination = output.path / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(self.path / relative, destination)
+                fd = os.open(destination, os.O_RDONLY)
+                try:
+                    output.syscalls.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                from .atomic import output_error
+
+                raise output_error(output.target, e) from None
