@@ -246,6 +246,15 @@ def inspect(
         ),
     ] = None,
     trust_pickle: TrustOpt = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also draw each layer's energy per frequency band into this PNG (needs "
+            "matplotlib: pip install 'spectral-cli[plot]'; an existing file is replaced).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """List the parametrized layers: spectral ones with basis and kernel size, and other parametrizations."""
 
@@ -253,7 +262,13 @@ def inspect(
         from . import render
         from .files.inspect import inspect_file
 
-        report = inspect_file(input, include_spatial=all_layers, trust_pickle=trust_pickle, energy=energy)
+        wants_energy = True if plot is not None else energy
+        report = inspect_file(input, include_spatial=all_layers, trust_pickle=trust_pickle, energy=wants_energy)
+        plotted = None
+        if plot is not None:
+            from .plot import plot_energy
+
+            plotted = plot_energy(report, plot)
         if as_json:
             typer.echo(json.dumps(render.inspect_json(report), indent=2))
             return
@@ -262,6 +277,8 @@ def inspect(
         line = render.inspect_summary(report)
         if not all_layers and not report.layers:
             line += "; pass --all to list the convertible conv kernels too"
+        if plotted is not None:
+            line += f"; plotted {plotted} layers to {render.printable(plot)}"
         out.print(line, highlight=False, markup=False, soft_wrap=True)
 
     console.run(as_json, body, input)
