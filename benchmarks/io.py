@@ -38,6 +38,8 @@ the imports, and the peak above that. Ratios are medians of the per-repeat ratio
 repeat. Page cache: the input is read once before the first repeat, so every command reads it from memory;
 every output is deleted after its run.
 
+``--dcp`` adds the same for a ``torch.distributed.checkpoint`` directory of that size.
+
 ``--sharded`` adds a sharded directory of twice ``--size-gib`` (at least twice :data:`CAP_FLOOR`) converted
 shard by shard in a process whose address space is capped (``RLIMIT_AS``) at half the directory's size above
 its imports: it can only succeed by streaming.
@@ -187,6 +189,27 @@ def write_sharded(directory: Path, target_bytes: int, shards: int, seed: int = 0
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return {"bytes": total, "shards": shards, "tensors": len(shapes),
             "largest_bytes": max(4 * math.prod(s) for _, s in shapes)}  # fmt: skip
+
+
+def write_dcp_checkpoint(directory: Path, target_bytes: int, seed: int = 0) -> dict[str, Any]:
+    """A ``torch.distributed.checkpoint`` directory of the same layers under ``{"model": ...}``, with an epoch,
+    written one tensor at a time (spectral's own lazy DCP writer: memory holds one tensor)."""
+    import torch
+
+    from spectral_cli.files.dcp import write_dcp
+
+    shapes = conv_layout(target_bytes)
+    state = {"model": {k: torch.empty(s, device="meta") for k, s in shapes.items()}, "epoch": 3}
+    generator = torch.Generator().manual_seed(seed)
+
+    def produce(fqn: str) -> torch.Tensor:
+        shape = shapes[fqn.removeprefix("model.")]
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+        return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+
+    write_dcp(directory, state, produce, directory)
+    total = sum(4 * math.prod(s) for s in shapes.values())
+    return {"bytes": total, "tensors": len(shapes), "largest_bytes": max(4 * math.prod(s) for s in shapes.values())}
 
 
 # ---------------------------------------------------------------------------------------------------- child
@@ -409,6 +432,25 @@ def bench_sharded(python: str, work: Path, size_bytes: int, shards: int, log: bo
     return {**info, "cap": cap, "out_bytes": out, **data}
 
 
+def bench_dcp(python: str, work: Path, size_bytes: int, log: bool) -> dict[str, Any]:
+    """Convert a distributed checkpoint under an address-space cap smaller than it."""
+    source = work / "dcp"
+    info = write_dcp_checkpoint(source, size_bytes)
+    target = work / "dcp.spectral"
+    cap = max(info["bytes"] // 2, CAP_FLOOR)
+    try:
+        _warm_dir(source)
+        data = _run_child(python, "convert", source, target, cap=cap)
+        out = sum(p.stat().st_size for p in target.iterdir())
+    finally:
+        _remove(source)
+        _remove(target)
+    if log:
+        print(f"  dcp {info['bytes'] / GIB:.2f} GiB under a cap of {cap / GIB:.2f} GiB: {data['seconds']:.2f} s, "
+              f"peak {data['peak'] / MIB:.0f} MiB", file=sys.stderr)  # fmt: skip
+    return {**info, "cap": cap, "out_bytes": out, **data}
+
+
 def _warm_dir(directory: Path) -> None:
     for p in sorted(directory.iterdir()):
         _warm(p)
@@ -430,6 +472,7 @@ def run(
     pythons: Sequence[str] = (),
     sharded: bool = False,
     log: bool = True,
+    dcp: bool = False,
 ) -> dict[str, Any]:
     """Generate the checkpoint, measure every command with every interpreter, clean up; the result document."""
     pythons = [os.path.abspath(p) for p in pythons] or [sys.executable]
@@ -448,7 +491,8 @@ def run(
         _remove(src)
         shard_bytes = max(int(2 * size_gib * GIB), 2 * CAP_FLOOR)  # larger than its cap, also with --size-gib 0.25
         shard = bench_sharded(pythons[-1], work, shard_bytes, 4, log) if sharded else None
-    return {"checkpoint": info, "repeats": repeats, "interpreters": results, "sharded": shard}
+        distributed = bench_dcp(pythons[-1], work, shard_bytes, log) if dcp else None
+    return {"checkpoint": info, "repeats": repeats, "interpreters": results, "sharded": shard, "dcp": distributed}
 
 
 def _mib(n: float) -> str:
@@ -497,6 +541,17 @@ def render(result: dict[str, Any]) -> str:
             f"output {shard['out_bytes'] / GIB:.2f} GiB.",
             "",
         ]
+    distributed = result.get("dcp")
+    if distributed:
+        lines += [
+            f"Distributed checkpoint (torch.distributed.checkpoint) of {distributed['bytes'] / GIB:.2f} GiB "
+            f"({distributed['tensors']} tensors, largest {_mib(distributed['largest_bytes'])} MiB) converted by "
+            f"`spectral convert DIR -o OUT -q` under an address-space cap of {distributed['cap'] / GIB:.2f} GiB above "
+            f"its imports: done in {distributed['seconds']:.2f} s, peak RSS {_mib(distributed['peak'])} MiB "
+            f"({_mib(distributed['peak'] - distributed['rss_imports'])} MiB above imports), output "
+            f"{distributed['out_bytes'] / GIB:.2f} GiB.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -506,6 +561,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
     p.add_argument("--python", action="append", default=[], help="interpreter(s) to measure (default: this one)")
     p.add_argument("--sharded", action="store_true", help="also convert a 2x sharded directory under a memory cap")
+    p.add_argument("--dcp", action="store_true", help="also convert a 2x distributed checkpoint under a memory cap")
     p.add_argument("--json", type=Path, help="also write the result document here")
     p.add_argument("--child", nargs=4, metavar=("COMMAND", "SRC", "DST", "RESULT"), help=argparse.SUPPRESS)
     p.add_argument("--cap", type=int, help=argparse.SUPPRESS)
@@ -518,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         command, src, dst, out = args.child
         Path(out).write_text(json.dumps(child(command, src, dst, args.cap)))
         return None
-    result = run(args.size_gib, args.repeats, args.python, args.sharded)
+    result = run(args.size_gib, args.repeats, args.python, args.sharded, dcp=args.dcp)
     return publish(result, args.json, render)
 
 

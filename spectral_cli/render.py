@@ -4,7 +4,8 @@ JSON schema (version 1), stable; new fields may be added, none removed or rename
 
 ``inspect``::
 
-    {"schema": 1, "command": "inspect", "file": str, "format": "torch" | "torch-legacy" | "safetensors",
+    {"schema": 1, "command": "inspect", "file": str,
+     "format": "torch" | "torch-legacy" | "safetensors" | "safetensors-sharded" | "dcp" | "directory",
      "layers": [{"name", "location", "key",
                  "domain": "spectral" | "spatial" | "weight_norm" | "spectral_norm" | "parametrized",
                  "basis": "rfft" | "rdft" | null, "kernel_size": [int] | null, "shape": [int], "dtype": str,

@@ -264,7 +264,7 @@ def _is_int(value: Any) -> bool:
 def check_inspect_json(doc: Mapping[str, Any]) -> None:
     assert doc["schema"] == 1 and doc["command"] == "inspect"
     assert isinstance(doc["file"], str)
-    assert doc["format"] in ("torch", "torch-legacy", "safetensors")
+    assert doc["format"] in ("torch", "torch-legacy", "safetensors", "safetensors-sharded", "dcp", "directory")
     for layer in doc["layers"]:
         for name in ("name", "location", "key", "dtype"):
             assert isinstance(layer[name], str), (name, layer)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import listing, one_line, parse_json, rel_err, spectral
+from models import check_inspect_json, listing, one_line, parse_json, rel_err, spectral
 from torch import nn
 
 from spectral_cli import load_spectral, register_spectral_parametrization
@@ -99,6 +99,7 @@ def test_an_fsdp2_checkpoint_converts_loads_and_bakes_back(tmp_path: Path, fsdp2
     assert [(layer["location"], layer["name"]) for layer in doc["layers"]] == [("model", "0"), ("model", "2")]
     assert doc["dropped"] == ["optim"] and "optimizer" in result.stderr
     inspected = parse_json(spectral("inspect", converted, "--json").stdout)
+    check_inspect_json(inspected)
     assert inspected["format"] == "dcp" and [layer["basis"] for layer in inspected["layers"]] == ["rfft", "rfft"]
     assert not any(layer["inferred"] for layer in inspected["layers"])  # the records are read back
 
