@@ -65,8 +65,7 @@ def test_a_timm_checkpoint_with_pickled_args_converts_and_bakes_with_trust(tmp_p
     converted = torch.load(tmp_path / "spectral.pt", weights_only=False)
     assert converted["args"] == ARGS and converted["epoch"] == 0
     registered = _net(1)
-    register_spectral_parametrization(registered)
-    registered.load_state_dict(converted["state_dict"], strict=True)
+    assert load_spectral(registered, tmp_path / "spectral.pt", trust_pickle=True).location == "state_dict"
     assert_same_outputs(registered, model, X, tol=1e-5)
     result = spectral("bake", tmp_path / "spectral.pt", "-o", tmp_path / "baked.pt", "--trust-pickle")
     assert result.exit_code == 0, result.stderr
@@ -112,8 +111,7 @@ def test_a_dynamically_quantized_model_converts_its_float_convs(tmp_path: Path) 
         converted = torch.load(tmp_path / "q.spectral.pt", weights_only=True)
         target = torch.ao.quantization.quantize_dynamic(_net(1), {nn.Linear}, dtype=torch.qint8)
     assert converted["head._packed_params.dtype"] == torch.qint8
-    register_spectral_parametrization(target)
-    target.load_state_dict(converted, strict=True)
+    load_spectral(target, tmp_path / "q.spectral.pt")
     assert_same_outputs(target, quantized, X, tol=1e-5)
     assert spectral("bake", tmp_path / "q.spectral.pt").exit_code == 0
 
@@ -283,3 +281,23 @@ def test_a_lightning_checkpoint_with_omegaconf_hparams(tmp_path: Path) -> None:
     assert spectral("bake", tmp_path / "last.spectral.ckpt", "--trust-pickle").exit_code == 0
     again = lightning_module.LitConv.load_from_checkpoint(tmp_path / "last.baked.ckpt", weights_only=False).eval()
     assert _rel(_outputs(again, X), _outputs(module, X)) <= 1e-5
+
+
+def test_a_compressai_model_loads_without_from_state_dict(tmp_path: Path) -> None:
+    """from_state_dict reads the sizes from the spatial weights: build with the sizes, then load_spectral."""
+    from compressai.models import FactorizedPrior
+
+    torch.manual_seed(0)
+    model = FactorizedPrior(N=16, M=24).eval()
+    model.update(force=True)
+    torch.save(model.state_dict(), tmp_path / "fp.pt")
+    assert spectral("convert", tmp_path / "fp.pt").exit_code == 0
+    fresh = FactorizedPrior(N=16, M=24).eval()
+    assert len(load_spectral(fresh, tmp_path / "fp.spectral.pt").registered) == 8
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _rel(fresh(x)["x_hat"], model(x)["x_hat"]) <= 1e-5
+    assert spectral("bake", tmp_path / "fp.spectral.pt").exit_code == 0
+    plain = FactorizedPrior.from_state_dict(read(tmp_path / "fp.baked.pt")).eval()
+    with torch.no_grad():
+        assert _rel(plain(x)["x_hat"], model(x)["x_hat"]) <= 1e-5

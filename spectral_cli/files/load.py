@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ class Loaded:
     prefix: str
 
 
-def _read(source: Path, location: str | None, trust_pickle: bool) -> tuple[dict[str, Any], dict[str, Any], str]:
+def _read(source: Path, location: str | None, trust_pickle: bool) -> tuple[Mapping[str, Any], dict[str, Any], str]:
     """The state dict of a checkpoint file (its tensors read whole), its records, and its location."""
     with contextlib.closing(open_source(source, trust_pickle=trust_pickle)) as src:
         parts = src.parts
@@ -68,7 +69,7 @@ def _read(source: Path, location: str | None, trust_pickle: bool) -> tuple[dict[
                     f"{source}: holds no state dict at {location!r} (it holds {found}); pass one of them"
                 )
         part = parts[0]
-        values = dict(part.values) if part.values is not None else {k: part.tensor(k).whole() for k in part.specs}
+        values = part.values if part.values is not None else {k: part.tensor(k).whole() for k in part.specs}
         return values, dict(part.records), part.where
 
 
@@ -120,9 +121,23 @@ def load_spectral(
             continue
         register_spectral_parametrization(model, basis=basis, include=[glob.escape(name)])
         registered.append((name, basis, ks))
-    state = {k[len(dropped) :]: v for k, v in values.items()}
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_without_prefix(values, dropped), strict=True)
     return Loaded(tuple(registered), tuple(already), where, found_at, dropped)
+
+
+def _without_prefix(values: Mapping[str, Any], prefix: str) -> OrderedDict[str, Any]:
+    """``values`` with ``prefix`` dropped from every key, torch's ``_metadata`` (module versions, which modules
+    such as quantized ones read when loading) included."""
+    state: OrderedDict[str, Any] = OrderedDict((k[len(prefix) :], v) for k, v in values.items())
+    metadata = getattr(values, "_metadata", None)
+    if isinstance(metadata, Mapping):
+        module = prefix.removesuffix(".")
+        state._metadata = OrderedDict(  # type: ignore[attr-defined]
+            ("" if k == module else k[len(prefix) :], v)
+            for k, v in metadata.items()
+            if not prefix or k == module or k.startswith(prefix)
+        )
+    return state
 
 
 def _plan(
