@@ -12,8 +12,8 @@ interpreter, which needs CompressAI and pytorch-parametrizations 1.0.0 (``pip in
 ``--quick`` shrinks every benchmark (a 0.25 GiB checkpoint, fewer repeats) to check that they run; its figures
 are not the ones to quote. ``--json FILE`` keeps the whole result document; ``--render-from FILE`` rewrites the
 Markdown from one without running anything. ``--train-gpu FILE`` adds a training-step document measured on a GPU
-machine (default ``docs/train_step-h100.json``). The convergence benchmark is separate:
-``python -m benchmarks.convergence``.
+machine (default ``docs/train_step-h100.json``). The convergence and kernel-size benchmarks are separate:
+``python -m benchmarks.convergence`` (docs/convergence.md), ``python -m benchmarks.kernels`` (docs/kernels.md).
 """
 
 from __future__ import annotations

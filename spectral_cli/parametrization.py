@@ -33,6 +33,7 @@ from .transform.kernels import (
     check_kernel_size,
     glob_patterns,
     selected,
+    transform_method,
     why_not_convertible,
 )
 from .transform.matrices import compute_dtype, matrices
@@ -71,28 +72,32 @@ class SpectralParametrization(nn.Module):
         SpectralParametrization(basis='rdft')
     """
 
-    _synthesis: torch.Tensor
+    _synthesis: torch.Tensor | None
 
     def __init__(self, kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS) -> None:
         super().__init__()
         self.kernel_size: tuple[int, ...] = check_kernel_size(kernel_size)
         self.basis: Basis = check_basis(basis)
         # A non-persistent buffer (not in state dicts) so that torch.compile sees a tensor input rather than
-        # tracing the matrix construction, and so that it follows .to(device).
+        # tracing the matrix construction, and so that it follows .to(device). None for large kernels: they
+        # are transformed with FFTs (a dense matrix would grow as taps^2).
         self.register_buffer("_synthesis", self._matrix(torch.float32, torch.device("cpu")), persistent=False)
 
-    def _matrix(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def _matrix(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        if transform_method(self.kernel_size) == "separable":
+            return None
         return matrices(self.basis, self.kernel_size, compute_dtype(dtype), device).synthesis
 
     def _apply(self, fn: Any, recurse: bool = True) -> SpectralParametrization:
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         # .half()/.to(dtype) would round the matrix itself; take the exact one for the new device and dtype.
-        self._synthesis = self._matrix(self._synthesis.dtype, self._synthesis.device)
+        if self._synthesis is not None:
+            self._synthesis = self._matrix(self._synthesis.dtype, self._synthesis.device)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         synthesis = self._synthesis
-        if synthesis.device != x.device or synthesis.dtype != compute_dtype(x.dtype):
+        if synthesis is not None and (synthesis.device != x.device or synthesis.dtype != compute_dtype(x.dtype)):
             synthesis = self._synthesis = self._matrix(x.dtype, x.device)
         return apply_synthesis(x, synthesis, self.kernel_size, self.basis)
 

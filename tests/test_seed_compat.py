@@ -20,7 +20,7 @@ LAYERS = {
     "ConvTranspose2d": lambda ks: nn.ConvTranspose2d(3, 6, ks, stride=2, padding=1),
     "Conv2d_grouped": lambda ks: nn.Conv2d(4, 6, ks, padding=1, groups=2),
 }
-SIZES = [(3, 3), (4, 4), (5, 5), (2, 5), (3, 2), (2, 2), (6, 6), (1, 3), (7, 4)]
+SIZES = [(3, 3), (4, 4), (5, 5), (2, 5), (3, 2), (2, 2), (6, 6), (1, 3), (7, 4), (31, 31), (24, 23)]  # last two: FFTs
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -85,6 +85,8 @@ def _state_dict() -> dict[str, torch.Tensor]:
         "proj.weight": randn(8, 16, 1, 1),  # 1x1: copied
         "seq.weight": randn(8, 4, 4),  # 1-D, even
         "vol.weight": randn(4, 2, 3, 3, 3),  # 3-D
+        "large.weight": randn(3, 2, 23, 24),  # large kernels: the separable (FFT) method
+        "long.weight": randn(2, 3, 600, dtype=torch.float16),
         "nan.weight": nan,
         "empty.weight": randn(0, 4, 3, 3),
         "head.weight": randn(10, 64),  # a linear layer: copied
@@ -285,7 +287,7 @@ def _read_dir(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 GROUPS = [
     ["stem.weight", "stem.bias", "body.0.weight"],
     ["body.0.bias", "body.1.weight", "body.2.weight", "proj.weight"],
-    ["body.3.weight", "seq.weight", "vol.weight", "head.weight", "steps", "mask"],
+    ["body.3.weight", "seq.weight", "vol.weight", "head.weight", "steps", "mask", "large.weight", "long.weight"],
 ]
 
 

@@ -27,6 +27,16 @@ Basis = Literal["rfft", "rdft"]
 BASES: tuple[str, ...] = ("rfft", "rdft")
 DEFAULT_BASIS: Basis = "rfft"
 
+#: how a basis is applied: one product with its dense (taps x taps) matrix, or FFTs axis by axis
+Method = Literal["dense", "separable"]
+METHODS: tuple[str, ...] = ("dense", "separable")
+
+#: the largest kernel (in taps) transformed by the dense product; larger ones are separable. Measured
+#: (benchmarks/kernels.py, one CPU thread): the dense product is 4-30x faster up to 11x11 and 5x5x5, even
+#: around 21x21, 7x7x7 and 1-D 64, and 3-25x slower from 31x31 and 1-D 256 on, where its matrix also
+#: grows as taps^2 (9.8 GB at 128x128).
+DENSE_MAX_TAPS = 512
+
 #: dtypes whose kernels are converted (computed in float32 at least, stored back in the same dtype)
 CONVERTIBLE_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 MASKED_REASON = "masked conv (its forward writes weight.data, which a parametrization ignores)"
@@ -58,6 +68,27 @@ def why_not_convertible(
     if masked:
         return MASKED_REASON
     return None
+
+
+def transform_method(kernel_size: Sequence[int]) -> Method:
+    """How the bases are applied to kernels of ``kernel_size``: the one rule, so that registration, convert and
+    bake give the same numbers.
+
+    Example:
+        >>> transform_method((3, 3)), transform_method((31, 31)), transform_method((4096,))
+        ('dense', 'separable', 'separable')
+    """
+    return "dense" if math.prod(kernel_size) <= DENSE_MAX_TAPS else "separable"
+
+
+def check_method(method: Any, kernel_size: Sequence[int]) -> Method:
+    """``method``, or :func:`transform_method`'s when it is ``None``; else raise
+    :class:`~spectral_cli.SpectralError`."""
+    if method is None:
+        return transform_method(kernel_size)
+    if method not in METHODS:
+        raise SpectralError(f"unknown method {method!r}: use one of {', '.join(repr(m) for m in METHODS)}, or None")
+    return method  # type: ignore[no-any-return]
 
 
 def check_basis(basis: Any) -> Basis:

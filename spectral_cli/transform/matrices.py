@@ -3,7 +3,9 @@
 Built in float64 from closed-form cosines and sines (independent of ``torch.fft``; the tests compare the two),
 then cached per basis, kernel size, dtype and device. Conventions (row vectors, one flattened kernel per row):
 ``spatial = spectral @ synthesis`` and ``spectral = spatial @ analysis``. Half-precision tensors are computed
-in float32 (:func:`compute_dtype`).
+in float32 (:func:`compute_dtype`). A matrix holds taps x taps numbers, so the transforms use them only for
+the ``dense`` method (:func:`~spectral_cli.transform.kernels.transform_method`); built for a 128x128 kernel
+they take gigabytes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .kernels import DEFAULT_BASIS, Basis, check_basis, check_kernel_size, spectral_kernel_shape
+from .kernels import DEFAULT_BASIS, Basis, Method, check_basis, check_kernel_size, spectral_kernel_shape
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
 
@@ -115,10 +117,25 @@ def _row_matrices(basis: Basis, kernel_size: tuple[int, ...], dtype: torch.dtype
     synthesis, analysis = (m.synthesis, m.analysis) if basis == "rdft" else (
         torch.cat(tuple(m.synthesis), dim=0), torch.cat(tuple(m.analysis), dim=1))  # fmt: skip
     width = analysis.shape[1]
+    padding = analysis.new_zeros(analysis.shape[0], _padded_width(width) - width)
+    return Matrices(synthesis=synthesis.contiguous(), analysis=torch.cat((analysis, padding), dim=1).contiguous())
+
+
+def _padded_width(width: int) -> int:
     # Zero columns up to a width MKL handles well: a product 9 columns wide ran 4x slower than one of 16.
-    padded = -width % 16 + width if width < 32 else -width % 8 + width
-    analysis = torch.cat((analysis, analysis.new_zeros(analysis.shape[0], padded - width)), dim=1)
-    return Matrices(synthesis=synthesis.contiguous(), analysis=analysis.contiguous())
+    return -width % 16 + width if width < 32 else -width % 8 + width
+
+
+def product_width(kernel_size: Sequence[int], basis: Basis, method: Method) -> int:
+    """Columns of the rows :func:`~spectral_cli.transform.bases.spectral_rows` computes (its ``out``): those of
+    :func:`row_matrices`'s analysis for the dense product, :func:`row_width` for the separable one.
+
+    Example:
+        >>> product_width((3, 3), "rfft", "dense"), product_width((3, 3), "rfft", "separable")
+        (16, 12)
+    """
+    width = row_width(kernel_size, basis)
+    return _padded_width(width) if method == "dense" else width
 
 
 def row_width(kernel_size: Sequence[int], basis: Basis = DEFAULT_BASIS) -> int:

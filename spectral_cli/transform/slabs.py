@@ -27,9 +27,10 @@ from typing import TypeVar
 
 import torch
 
-from .bases import ROW_MULTIPLE, chunk_rows, spectral_rows, to_spatial
-from .kernels import Basis
-from .matrices import compute_dtype, row_matrices, row_width
+from .bases import chunk_rows, padded_rows, spectral_rows, to_spatial
+from .kernels import Basis, transform_method
+from .matrices import compute_dtype, product_width, row_matrices, row_width
+from .separable import synthesis_rows
 
 #: input bytes of one slab, rounded to whole runs of ``chunk_rows`` kernels (at least one run)
 SLAB_BYTES = 1 << 20
@@ -148,17 +149,18 @@ def spectral_pieces(
     plane_bytes = rows * width // 2 * dtype.itemsize  # rfft: the real plane, then the imaginary
     out_row_bytes = width // 2 * dtype.itemsize if basis == "rfft" else row_bytes
     cdtype = compute_dtype(dtype)
-    product_width = row_matrices(basis, ks, cdtype).analysis.shape[1]
+    method = transform_method(ks)
+    columns = product_width(ks, basis, method)
 
     def work(i: int, j: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        m, padded = j - i, -(j - i) % ROW_MULTIPLE + (j - i)  # a tensor's last rows padded, as to_spectral does
+        m, padded = j - i, padded_rows(j - i, method)  # a tensor's last rows padded, as to_spectral does
         with scratch.rows(padded * taps * dtype.itemsize, "in") as raw:
             weight = raw.view(dtype).view(padded, taps)
             read(i * row_bytes, weight[:m])
             weight[m:] = 0
-            with scratch.rows(padded * product_width * cdtype.itemsize, "coefficients") as product:
-                out = product.view(cdtype).view(padded, product_width)
-                coefficients = spectral_rows(weight.to(cdtype), ks, basis, out=out)
+            with scratch.rows(padded * columns * cdtype.itemsize, "coefficients") as product:
+                out = product.view(cdtype).view(padded, columns)
+                coefficients = spectral_rows(weight.to(cdtype), ks, basis, out=out, method=method)
                 lease = scratch.take("out", m * width * dtype.itemsize)  # given back once written
                 stored = lease[: m * width * dtype.itemsize].view(dtype)
                 if basis == "rfft":  # planes: all the real parts, then all the imaginary parts
@@ -224,12 +226,14 @@ def _round_trip_error(
     them, the stored numbers) against ``weight`` (one flattened kernel per row), without new memory for
     float32 and float64."""
     dtype, cdtype = weight.dtype, compute_dtype(weight.dtype)
-    synthesis = row_matrices(basis, ks, cdtype).synthesis
     c = coefficients.to(cdtype)
     m, taps = weight.shape
     with scratch.rows(m * taps * cdtype.itemsize, "back") as raw:
         back = raw.view(cdtype)
-        if taps < 16:  # narrow products are slow row by row (measured: 2x for 3x3); transposed they are wide
+        synthesis = row_matrices(basis, ks, cdtype).synthesis if transform_method(ks) == "dense" else None
+        if synthesis is None:
+            back, expected = back.view(m, taps).copy_(synthesis_rows(c, ks, basis)), weight
+        elif taps < 16:  # narrow products are slow row by row (measured: 2x for 3x3); transposed they are wide
             back, expected = torch.mm(synthesis.T, c.T, out=back.view(taps, m)), weight.T
         else:
             back, expected = torch.mm(c, synthesis, out=back.view(m, taps)), weight

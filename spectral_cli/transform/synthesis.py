@@ -1,4 +1,5 @@
-"""The forward of a registered conv: spectral coefficients to spatial kernels as one product over all kernels.
+"""The forward of a registered conv: spectral coefficients to spatial kernels as one product over all kernels
+(or, for large kernels, FFTs over all kernels).
 
 :func:`apply_synthesis` is what :class:`~spectral_cli.parametrization.SpectralParametrization` runs on every
 forward pass. Unlike :func:`~spectral_cli.transform.bases.to_spatial` it takes no runs (one product, so its last
@@ -25,6 +26,8 @@ import torch
 
 from .bases import check_spectral
 from .kernels import Basis, spectral_kernel_shape
+from .matrices import compute_dtype
+from .separable import synthesis_planes, synthesis_rows
 
 __all__ = ["apply_synthesis"]
 
@@ -59,16 +62,23 @@ class _RfftSynthesis(torch.autograd.Function):
         return grad_planes, grad_synthesis
 
 
-def apply_synthesis(x: torch.Tensor, synthesis: torch.Tensor, ks: tuple[int, ...], basis: Basis) -> torch.Tensor:
+def apply_synthesis(x: torch.Tensor, synthesis: torch.Tensor | None, ks: tuple[int, ...], basis: Basis) -> torch.Tensor:
     """``to_spatial(x, ks, basis)`` with the synthesis matrix given (``matrices(...).synthesis`` in
-    ``compute_dtype(x.dtype)`` on ``x.device``); differentiable in ``x``; keeps ``x.dtype``."""
+    ``compute_dtype(x.dtype)`` on ``x.device``), or ``None`` for kernels of the separable method (FFTs over all
+    kernels at once); differentiable in ``x``; keeps ``x.dtype``."""
     check_spectral(x, ks, basis)
-    cdtype = synthesis.dtype
+    cdtype = compute_dtype(x.dtype) if synthesis is None else synthesis.dtype
     n_in = math.prod(spectral_kernel_shape(ks, basis))
+    rows: torch.Tensor
     if basis == "rfft":
-        rows: torch.Tensor = _RfftSynthesis.apply(x.to(cdtype).reshape(2, -1, n_in), synthesis)
+        planes = x.to(cdtype).reshape(2, -1, n_in)
+        if synthesis is None:
+            rows = synthesis_planes(planes[0], planes[1], ks)
+        else:
+            rows = _RfftSynthesis.apply(planes, synthesis)
         lead = x.shape[1 : x.dim() - len(ks)]
     else:
-        rows = x.to(cdtype).reshape(-1, n_in) @ synthesis
+        flat = x.to(cdtype).reshape(-1, n_in)
+        rows = synthesis_rows(flat, ks, basis) if synthesis is None else flat @ synthesis
         lead = x.shape[: x.dim() - len(ks)]
     return rows.reshape(*lead, *ks).to(x.dtype)
