@@ -56,7 +56,7 @@ from .kernels import (
     spectral_shape,
 )
 from .matrices import compute_dtype, matrices, row_matrices, row_width
-from .separable import analysis_rows, synthesis_planes, synthesis_rows
+from .separable import analysis_rows, synthesis_planes
 
 #: kernel taps per run of a chunked product: 1 MiB of float32 rows
 CHUNK_TAPS = 1 << 18
@@ -188,9 +188,7 @@ def to_spatial(
     if method == "separable":
 
         def run(i: int, j: int) -> torch.Tensor:
-            if basis == "rfft":
-                return synthesis_planes(inputs[0][i:j], inputs[1][i:j], ks)
-            return synthesis_rows(inputs[0][i:j], ks, basis)
+            return synthesis_planes([plane[i:j] for plane in inputs], ks, basis)
     else:
         synthesis = matrices(basis, ks, cdtype, x.device).synthesis
         factors = list(zip(inputs, synthesis if basis == "rfft" else (synthesis,), strict=True))

@@ -27,12 +27,13 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from .kernels import Basis, spectral_kernel_shape
 
-__all__ = ["analysis_rows", "synthesis_rows"]
+__all__ = ["analysis_rows", "synthesis_planes", "synthesis_rows"]
 
 
 def _dims(ks: tuple[int, ...]) -> tuple[int, ...]:
@@ -77,20 +78,22 @@ def analysis_rows(rows: torch.Tensor, ks: tuple[int, ...], basis: Basis) -> torc
 
 def synthesis_rows(rows: torch.Tensor, ks: tuple[int, ...], basis: Basis) -> torch.Tensor:
     """The kernels (``(R, taps)``) of coefficient rows as :func:`analysis_rows` gives them."""
-    r = rows.shape[0]
     if basis == "rfft":
-        planes = rows.reshape(r, 2, -1)
-        return synthesis_planes(planes[:, 0], planes[:, 1], ks)
-    kernels = rows.reshape(r, *ks)
+        planes = rows.reshape(rows.shape[0], 2, -1)
+        return synthesis_planes((planes[:, 0], planes[:, 1]), ks, basis)
+    return synthesis_planes((rows,), ks, basis)
+
+
+def synthesis_planes(planes: Sequence[torch.Tensor], ks: tuple[int, ...], basis: Basis) -> torch.Tensor:
+    """The kernels (``(R, taps)``) of coefficients given as planes of rows: for ``rfft`` the real and the
+    imaginary plane (``(R, bins)`` each), for ``rdft`` one (``(R, taps)``)."""
+    r = planes[0].shape[0]
+    if basis == "rfft":
+        half = spectral_kernel_shape(ks, "rfft")
+        spectrum = torch.complex(planes[0].reshape(r, *half), planes[1].reshape(r, *half))
+        kernels: torch.Tensor = torch.fft.irfftn(spectrum, s=ks, dim=_dims(ks), norm="ortho")
+        return kernels.reshape(r, -1)
+    kernels = planes[0].reshape(r, *ks)
     for dim, n in enumerate(ks, start=1):
         kernels = _unpack_axis(kernels, dim, n)
-    return kernels.reshape(r, -1)
-
-
-def synthesis_planes(real: torch.Tensor, imag: torch.Tensor, ks: tuple[int, ...]) -> torch.Tensor:
-    """The kernels (``(R, taps)``) of rfft coefficients given as a real and an imaginary plane (``(R, bins)``)."""
-    r = real.shape[0]
-    half = spectral_kernel_shape(ks, "rfft")
-    spectrum = torch.complex(real.reshape(r, *half), imag.reshape(r, *half))
-    kernels: torch.Tensor = torch.fft.irfftn(spectrum, s=ks, dim=_dims(ks), norm="ortho")
     return kernels.reshape(r, -1)

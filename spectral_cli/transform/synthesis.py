@@ -27,7 +27,7 @@ import torch
 from .bases import check_spectral
 from .kernels import Basis, spectral_kernel_shape
 from .matrices import compute_dtype
-from .separable import synthesis_planes, synthesis_rows
+from .separable import synthesis_planes
 
 __all__ = ["apply_synthesis"]
 
@@ -73,12 +73,12 @@ def apply_synthesis(x: torch.Tensor, synthesis: torch.Tensor | None, ks: tuple[i
     if basis == "rfft":
         planes = x.to(cdtype).reshape(2, -1, n_in)
         if synthesis is None:
-            rows = synthesis_planes(planes[0], planes[1], ks)
+            rows = synthesis_planes(tuple(planes), ks, basis)
         else:
             rows = _RfftSynthesis.apply(planes, synthesis)
         lead = x.shape[1 : x.dim() - len(ks)]
     else:
         flat = x.to(cdtype).reshape(-1, n_in)
-        rows = synthesis_rows(flat, ks, basis) if synthesis is None else flat @ synthesis
+        rows = synthesis_planes((flat,), ks, basis) if synthesis is None else flat @ synthesis
         lead = x.shape[: x.dim() - len(ks)]
     return rows.reshape(*lead, *ks).to(x.dtype)
