@@ -107,6 +107,49 @@ def test_compiled_training_matches_eager_and_compiles_once(device: str) -> None:
     torch._dynamo.reset()
 
 
+# ---- bf16 autocast ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("ks", [3, 25], ids=["3x3 dense", "25x25 separable"])
+@pytest.mark.parametrize("basis", ["rfft", "rdft"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_trains_with_the_kernels_of_float32(device: str, basis: str, ks: int, compiled: bool) -> None:
+    """Under ``torch.autocast`` (bf16) the kernel is synthesized in float32, with the bits it has without
+    autocast (the conv casts it as any weight), and the coefficients get the gradient of that kernel's
+    gradient (the rfft backward once met a bf16 gradient here: "expected scalar type Float but found BFloat16")."""
+    if compiled and (ks != 3 or basis != "rfft"):
+        pytest.skip("one compiled case: compiling costs seconds")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, ks, padding=ks // 2).to(device)
+    register_spectral_parametrization(conv, basis=basis)  # type: ignore[arg-type]
+    original = conv.parametrizations.weight.original
+    forward = torch.compile(conv, fullgraph=True) if compiled else conv
+    x = torch.randn(2, 4, 16, 16, device=device)
+    outside = conv.weight.detach().clone()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        inside = conv.weight.detach().clone()
+        out = forward(x)
+    assert out.dtype == torch.bfloat16
+    assert inside.dtype == torch.float32 and torch.equal(inside, outside)
+    out.float().square().sum().backward()
+
+    # the reference: the same autocast conv on a plain weight holding the synthesized kernel, and the
+    # transform's own backward (float64) of that weight's gradient
+    leaf = outside.clone().requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ref = nn.functional.conv2d(x, leaf, conv.bias, padding=conv.padding)
+    ref.float().square().sum().backward()
+    assert leaf.grad is not None and original.grad is not None
+    coefficients = original.detach().double().requires_grad_(True)
+    from spectral_cli import to_spatial
+
+    (expected,) = torch.autograd.grad(to_spatial(coefficients, (ks, ks), basis), coefficients, leaf.grad.double())  # type: ignore[arg-type]
+    # compiled, the gradient passes through bf16 in the compiled backward (its values are bf16 numbers):
+    # the same gradient to bf16 rounding
+    assert rel_err(original.grad, expected) <= (torch.finfo(torch.bfloat16).eps if compiled else 1e-5)
+
+
 # ---- DDP and FSDP2: two processes on gloo ---------------------------------------------------------------------
 
 WORLD = 2

@@ -55,7 +55,7 @@ from .kernels import (
     spectral_kernel_shape,
     spectral_shape,
 )
-from .matrices import compute_dtype, matrices, row_matrices, row_width
+from .matrices import compute_dtype, matrices, row_matrices, row_width, without_autocast
 from .separable import analysis_rows, synthesis_planes
 
 #: kernel taps per run of a chunked product: 1 MiB of float32 rows
@@ -95,12 +95,13 @@ def _run(
     parts = [(a[i:j], m) for a, m in factors]
     if pad:
         parts = [(torch.cat((a, a.new_zeros(pad, a.shape[1]))), m) for a, m in parts]
-    if out is not None and len(parts) == 1:
-        total = torch.mm(parts[0][0], parts[0][1], out=out)
-    else:
-        total = parts[0][0] @ parts[0][1]
-    for a, m in parts[1:]:
-        total = torch.addmm(total, a, m)
+    with without_autocast(parts[0][0].device):
+        if out is not None and len(parts) == 1:
+            total = torch.mm(parts[0][0], parts[0][1], out=out)
+        else:
+            total = parts[0][0] @ parts[0][1]
+        for a, m in parts[1:]:
+            total = torch.addmm(total, a, m)
     return total[: j - i] if pad else total
 
 

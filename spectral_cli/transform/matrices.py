@@ -10,12 +10,14 @@ they take gigabytes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from torch.amp.autocast_mode import is_autocast_available
 
 from .kernels import DEFAULT_BASIS, Basis, Method, check_basis, check_kernel_size, spectral_kernel_shape
 
@@ -95,6 +97,15 @@ def matrices(
         True
     """
     return _matrices(check_basis(basis), check_kernel_size(kernel_size), dtype, torch.device(device))
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """A context that turns ``torch.autocast`` off on ``device`` (where it is on): the bases are computed in
+    :func:`compute_dtype` under autocast too, so a kernel has the numbers it has without it (a conv casts its
+    weight as it casts any other), and autograd never meets a half-precision gradient of a float32 product."""
+    if is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -26,7 +26,7 @@ import torch
 
 from .bases import check_spectral
 from .kernels import Basis, spectral_kernel_shape
-from .matrices import compute_dtype
+from .matrices import compute_dtype, without_autocast
 from .separable import synthesis_planes
 
 __all__ = ["apply_synthesis"]
@@ -65,8 +65,13 @@ class _RfftSynthesis(torch.autograd.Function):
 def apply_synthesis(x: torch.Tensor, synthesis: torch.Tensor | None, ks: tuple[int, ...], basis: Basis) -> torch.Tensor:
     """``to_spatial(x, ks, basis)`` with the synthesis matrix given (``matrices(...).synthesis`` in
     ``compute_dtype(x.dtype)`` on ``x.device``), or ``None`` for kernels of the separable method (FFTs over all
-    kernels at once); differentiable in ``x``; keeps ``x.dtype``."""
+    kernels at once); differentiable in ``x``; keeps ``x.dtype``; computed as without ``torch.autocast``."""
     check_spectral(x, ks, basis)
+    with without_autocast(x.device):
+        return _synthesize(x, synthesis, ks, basis)
+
+
+def _synthesize(x: torch.Tensor, synthesis: torch.Tensor | None, ks: tuple[int, ...], basis: Basis) -> torch.Tensor:
     cdtype = compute_dtype(x.dtype) if synthesis is None else synthesis.dtype
     n_in = math.prod(spectral_kernel_shape(ks, basis))
     rows: torch.Tensor
