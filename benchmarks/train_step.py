@@ -2,10 +2,13 @@
 
 One command::
 
-    python -m benchmarks.train_step [--device cpu|cuda] [--repeats 7] [--steps 10]
+    python -m benchmarks.train_step [--device cpu|cuda] [--preset NAME] [--repeats 7] [--steps 10]
 
-A Ballé-style conv+GDN autoencoder (``stages`` x (5x5 conv stride 2 + GDN), mirrored with transposed convs and
-IGDN; CompressAI's ``GDN``) is trained with Adam on an MSE loss. The same initial network is timed as
+The model (``--preset``): a Ballé-style conv+GDN autoencoder (``stages`` x (5x5 conv stride 2 + GDN), mirrored
+with transposed convs and IGDN; CompressAI's ``GDN``) trained with Adam on an MSE loss, or torchvision's
+ResNet-50 (random weights) trained with Adam on cross-entropy against fixed random labels; optionally in
+``channels_last`` and under bf16 ``torch.autocast`` (preset ``gpu-resnet50``: batch 64 of 224x224, both). The
+same initial network is timed as
 
 ``spatial``
     plain conv kernels (the reference of every ratio);
@@ -55,6 +58,12 @@ class Config:
     batch: int
     crop: int
     threads: int | None
+    model: str = "autoencoder"  # or "resnet50" (channels, kernel and stages are the autoencoder's)
+    channels_last: bool = False
+    autocast: str | None = None  # "bfloat16": forward and loss under torch.autocast
+
+
+MODELS: tuple[str, ...] = ("autoencoder", "resnet50")
 
 
 PRESETS: dict[str, Config] = {
@@ -65,7 +74,34 @@ PRESETS: dict[str, Config] = {
     "cpu-small": Config(channels=32, kernel=5, stages=3, batch=8, crop=64, threads=1),
     # the figures of docs/spectral-math.md: 128 channels, 5x5 kernels, batch 32 of 256x256
     "gpu": Config(channels=128, kernel=5, stages=4, batch=32, crop=256, threads=None),
-}
+    # the same in channels_last under bf16 autocast, as the ResNet-50 row
+    "gpu-bf16": Config(channels=128, kernel=5, stages=4, batch=32, crop=256, threads=None, channels_last=True,
+                       autocast="bfloat16"),
+    # torchvision's ResNet-50, batch 64 of 224x224, channels_last, bf16 autocast
+    "gpu-resnet50": Config(channels=0, kernel=0, stages=0, batch=64, crop=224, threads=None, model="resnet50",
+                           channels_last=True, autocast="bfloat16"),
+    # the same network on 2 CPU cores, small enough to check that it runs (not a figure to quote)
+    "cpu-resnet50": Config(channels=0, kernel=0, stages=0, batch=2, crop=64, threads=1, model="resnet50",
+                           channels_last=True, autocast="bfloat16"),
+}  # fmt: skip
+
+
+def build(cfg: Config, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+    """The initial network, its fixed input batch and (for a classifier) its fixed labels."""
+    torch.manual_seed(0)
+    if cfg.model == "resnet50":
+        from torchvision.models import resnet50
+
+        model: nn.Module = resnet50(weights=None)
+        labels: torch.Tensor | None = torch.randint(0, 1000, (cfg.batch,), device=device)
+    elif cfg.model == "autoencoder":
+        model, labels = Autoencoder(cfg.channels, cfg.kernel, cfg.stages), None
+    else:
+        raise ValueError(f"unknown model {cfg.model!r}: one of {MODELS}")
+    x = torch.rand(cfg.batch, 3, cfg.crop, cfg.crop, device=device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return model, x, labels
 
 
 def _register(variant: str, model: nn.Module) -> None:
@@ -82,16 +118,34 @@ def _register(variant: str, model: nn.Module) -> None:
 class Trainer:
     """One configuration: its model, optimizer and a fixed batch; ``steps(n)`` runs and times ``n`` steps."""
 
-    def __init__(self, variant: str, mode: str, base: nn.Module, x: torch.Tensor, device: torch.device) -> None:
+    def __init__(
+        self,
+        variant: str,
+        mode: str,
+        base: nn.Module,
+        batch: tuple[torch.Tensor, torch.Tensor | None],
+        cfg: Config,
+        device: torch.device,
+    ) -> None:
         self.name = f"{variant}/{mode}"
         model = copy.deepcopy(base)
+        if cfg.channels_last:  # before registering: rfft's rank-5 coefficients cannot take channels_last
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         _register(variant, model)
         self.model = model.to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(self.model) if mode == "compile" else self.model  # type: ignore[assignment]
         )
-        self.x, self.device = x, device
+        (self.x, self.labels), self.device = batch, device
+        self.autocast = getattr(torch, cfg.autocast) if cfg.autocast else None
+
+    def loss(self) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = self.forward(self.x)
+            if self.labels is not None:
+                return nn.functional.cross_entropy(out, self.labels)
+            return torch.mean((out.float() - self.x) ** 2)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -103,8 +157,7 @@ class Trainer:
         start = time.perf_counter()
         for _ in range(n):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = torch.mean((self.forward(self.x) - self.x) ** 2)
-            loss.backward()  # type: ignore[no-untyped-call]
+            self.loss().backward()  # type: ignore[no-untyped-call]
             self.optimizer.step()
         self._sync()
         return (time.perf_counter() - start) / n
@@ -124,10 +177,8 @@ def run(
     dev = torch.device(device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(0)
-    base = Autoencoder(cfg.channels, cfg.kernel, cfg.stages)
-    x = torch.rand(cfg.batch, 3, cfg.crop, cfg.crop, device=dev)
-    trainers = [Trainer(v, m, base, x, dev) for m in modes for v in variants]
+    base, x, labels = build(cfg, dev)
+    trainers = [Trainer(v, m, base, (x, labels), cfg, dev) for m in modes for v in variants]
     warm: dict[str, float] = {}
     for t in trainers:
         start = time.perf_counter()
@@ -184,12 +235,20 @@ def render(result: dict[str, Any]) -> str:
     """A Markdown table of a :func:`run` result."""
     cfg = result["config"]
     modes = [m for m in MODES if m in next(iter(result["rows"].values()))]
+    if cfg.get("model", "autoencoder") == "resnet50":
+        net = "torchvision ResNet-50 (random weights)"
+        task = "Adam, cross-entropy on fixed random labels"
+    else:
+        net = (f"{cfg['stages']} x (conv {cfg['kernel']}x{cfg['kernel']} stride 2 + GDN) and the mirror with IGDN, "
+               f"{cfg['channels']} channels")  # fmt: skip
+        task = "Adam, MSE"
+    extras = ", channels_last" if cfg.get("channels_last") else ""
+    extras += f", {cfg['autocast']} autocast" if cfg.get("autocast") else ""
     lines = [
         f"Preset `{result.get('preset', 'custom')}`. Device: {result['device']} ({result['device_name']}), "
         f"{result['torch_threads']} torch thread(s){', torch ' + result['torch'] if 'torch' in result else ''}. Model: "
-        f"{cfg['stages']} x (conv {cfg['kernel']}x{cfg['kernel']} stride 2 + GDN) and the mirror with IGDN, "
-        f"{cfg['channels']} channels, {result['model']['convs']} convs, {result['model']['params']:,} parameters; "
-        f"Adam, MSE; batch {cfg['batch']} of {cfg['crop']}x{cfg['crop']}. Median of {result['repeats']} "
+        f"{net}, {result['model']['convs']} convs, {result['model']['params']:,} parameters; "
+        f"{task}; batch {cfg['batch']} of {cfg['crop']}x{cfg['crop']}{extras}. Median of {result['repeats']} "
         f"interleaved repeats of {result['steps']} steps each, after {result['warmup']} warm-up steps.",
         "",
         "| variant | " + " | ".join(f"{m} ms/step | {m} ratio" for m in modes) + " |",
