@@ -150,6 +150,20 @@ def test_bf16_autocast_trains_with_the_kernels_of_float32(device: str, basis: st
     assert rel_err(original.grad, expected) <= (torch.finfo(torch.bfloat16).eps if compiled else 1e-5)
 
 
+def test_channels_last_is_set_before_registering_as_the_readme_says() -> None:
+    """channels_last then register trains; the other order is torch's refusal for rank-5 rfft coefficients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1))
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    reference = copy.deepcopy(model)
+    register_spectral_parametrization(model)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert rel_err(model(x), reference(x)) <= 1e-6
+    model(x).sum().backward()
+    with pytest.raises(RuntimeError, match="required rank 4 tensor to use channels_last format"):
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
 # ---- DDP and FSDP2: two processes on gloo ---------------------------------------------------------------------
 
 WORLD = 2
