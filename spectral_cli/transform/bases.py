@@ -54,6 +54,7 @@ from .kernels import (
     check_method,
     spectral_kernel_shape,
     spectral_shape,
+    transform_method,
 )
 from .matrices import compute_dtype, matrices, row_matrices, row_width, without_autocast
 from .separable import analysis_rows, synthesis_planes
@@ -77,13 +78,18 @@ def _check_tensor(t: torch.Tensor, trailing: tuple[int, ...], what: str, lead_ra
 
 
 def chunk_rows(kernel_size: Sequence[int]) -> int:
-    """Kernels per run of the chunked products of :func:`to_spectral` and :func:`to_spatial` (a multiple of 16).
+    """Kernels per run of the chunked work of :func:`to_spectral` and :func:`to_spatial`: about
+    :data:`CHUNK_TAPS` taps, a multiple of 16 kernels for the dense product, at least one kernel for the
+    separable one (whose rows need no padding), so that a slab of the largest kernels holds one.
 
     Example:
-        >>> chunk_rows((3, 3)), chunk_rows((5, 5)), chunk_rows((1024, 1024))
-        (29120, 10480, 16)
+        >>> chunk_rows((3, 3)), chunk_rows((5, 5)), chunk_rows((31, 31)), chunk_rows((1024, 1024))
+        (29120, 10480, 272, 1)
     """
-    return max(ROW_MULTIPLE, CHUNK_TAPS // math.prod(kernel_size) // ROW_MULTIPLE * ROW_MULTIPLE)
+    rows = CHUNK_TAPS // math.prod(kernel_size)
+    if transform_method(kernel_size) == "separable":
+        return max(1, rows)
+    return max(ROW_MULTIPLE, rows // ROW_MULTIPLE * ROW_MULTIPLE)
 
 
 def _run(

@@ -107,11 +107,17 @@ class Scratch:
         finally:
             self.give(role, buffer)
 
-    def in_order(self, bounds: Sequence[tuple[int, int]], work: Callable[[int, int], _T]) -> Iterator[tuple[int, _T]]:
-        """``(start, work(start, end))`` for each slab, in order; a few slabs computed ahead on the threads."""
+    def in_order(
+        self, bounds: Sequence[tuple[int, int]], work: Callable[[int, int], _T], row_bytes: int
+    ) -> Iterator[tuple[int, _T]]:
+        """``(start, work(start, end))`` for each slab (of kernels of ``row_bytes`` each), in order; a few slabs
+        computed ahead on the threads."""
         todo = iter(bounds)
+        slab = (bounds[0][1] - bounds[0][0]) * row_bytes if bounds else 0
         with self.threads() as pool:
-            ahead = 2 * self.workers  # slabs in flight: enough to keep every thread busy while one is written
+            # slabs in flight: enough to keep every thread busy while one is written, and not more bytes than
+            # that many slabs of slab_bytes (a slab of one large kernel can be far above it) unless only two
+            ahead = max(2, 2 * self.workers * self.slab_bytes // max(slab, self.slab_bytes))
             pending = deque((b[0], pool.submit(work, *b)) for b in itertools.islice(todo, ahead))
             try:
                 while pending:
@@ -176,7 +182,8 @@ def spectral_pieces(
         return pieces, error, lease
 
     errors = []
-    for i, (pieces, error, lease) in scratch.in_order(slab_bounds(rows, ks, row_bytes, scratch.slab_bytes), work):
+    bounds = slab_bounds(rows, ks, row_bytes, scratch.slab_bytes)
+    for i, (pieces, error, lease) in scratch.in_order(bounds, work, row_bytes):
         errors.append(error)
         for p, piece in enumerate(pieces):  # rfft: the real plane's rows i:j, then the imaginary plane's
             yield p * plane_bytes + i * out_row_bytes, piece
@@ -213,7 +220,8 @@ def spatial_pieces(
             return weight, _slab_error(weight, to_spatial(x.to(torch.float64), ks, basis))
 
     errors = []
-    for i, (weight, error) in scratch.in_order(slab_bounds(rows, ks, planes * row_bytes, scratch.slab_bytes), work):
+    bounds = slab_bounds(rows, ks, planes * row_bytes, scratch.slab_bytes)
+    for i, (weight, error) in scratch.in_order(bounds, work, planes * row_bytes):
         errors.append(error)
         yield i * out_row_bytes, weight
     return _relative_error(errors)
