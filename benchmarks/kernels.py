@@ -5,7 +5,7 @@ For each kernel size, basis and method, a fresh process transforms about ``--mib
 convert's slab workers run) or ``--threads``. Per row: the first call (which builds and caches a dense
 method's matrices) and the median of ``--repeats`` warm calls, each way, and the peak memory the transform
 takes above what the process held before it (``VmHWM`` reset through ``/proc/self/clear_refs``). The two
-methods of a size run one after the other. ``*`` marks the method :func:`spectral_cli.transform_method`
+methods of a size run one after the other. ``*`` marks the method ``transform_method`` (spectral_cli.transform.kernels)
 picks.
 
 Then the acceptance file: a safetensors file holding one 1x1x128x128 float32 kernel (67 KB), converted by
