@@ -59,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -415,28 +415,19 @@ def bench_python(python: str, src: Path, work: Path, repeats: int, log: bool) ->
 
 def bench_sharded(python: str, work: Path, size_bytes: int, shards: int, log: bool) -> dict[str, Any]:
     """Convert a sharded directory under an address-space cap smaller than the directory."""
-    source = work / "sharded"
-    info = write_sharded(source, size_bytes, shards)
-    target = work / "sharded.spectral"
-    cap = max(info["bytes"] // 2, CAP_FLOOR)
-    try:
-        _warm_dir(source)
-        data = _run_child(python, "convert", source, target, cap=cap)
-        out = sum(p.stat().st_size for p in target.iterdir())
-    finally:
-        _remove(source)
-        _remove(target)
-    if log:
-        print(f"  sharded {info['bytes'] / GIB:.2f} GiB under a cap of {cap / GIB:.2f} GiB: {data['seconds']:.2f} s, "
-              f"peak {data['peak'] / MIB:.0f} MiB", file=sys.stderr)  # fmt: skip
-    return {**info, "cap": cap, "out_bytes": out, **data}
+    return _bench_capped(python, work / "sharded", lambda d: write_sharded(d, size_bytes, shards), log)
 
 
 def bench_dcp(python: str, work: Path, size_bytes: int, log: bool) -> dict[str, Any]:
     """Convert a distributed checkpoint under an address-space cap smaller than it."""
-    source = work / "dcp"
-    info = write_dcp_checkpoint(source, size_bytes)
-    target = work / "dcp.spectral"
+    return _bench_capped(python, work / "dcp", lambda d: write_dcp_checkpoint(d, size_bytes), log)
+
+
+def _bench_capped(python: str, source: Path, write: Callable[[Path], dict[str, Any]], log: bool) -> dict[str, Any]:
+    """Write a checkpoint directory with ``write(source)`` and convert it under an address-space cap of half its
+    size (at least :data:`CAP_FLOOR`); both directories are removed after."""
+    info = write(source)
+    target = source.with_name(source.name + ".spectral")
     cap = max(info["bytes"] // 2, CAP_FLOOR)
     try:
         _warm_dir(source)
@@ -446,8 +437,8 @@ def bench_dcp(python: str, work: Path, size_bytes: int, log: bool) -> dict[str, 
         _remove(source)
         _remove(target)
     if log:
-        print(f"  dcp {info['bytes'] / GIB:.2f} GiB under a cap of {cap / GIB:.2f} GiB: {data['seconds']:.2f} s, "
-              f"peak {data['peak'] / MIB:.0f} MiB", file=sys.stderr)  # fmt: skip
+        print(f"  {source.name} {info['bytes'] / GIB:.2f} GiB under a cap of {cap / GIB:.2f} GiB: "
+              f"{data['seconds']:.2f} s, peak {data['peak'] / MIB:.0f} MiB", file=sys.stderr)  # fmt: skip
     return {**info, "cap": cap, "out_bytes": out, **data}
 
 
