@@ -54,7 +54,6 @@ from .kernels import (
     check_method,
     spectral_kernel_shape,
     spectral_shape,
-    transform_method,
 )
 from .matrices import compute_dtype, matrices, row_matrices, row_width, without_autocast
 from .separable import analysis_rows, synthesis_planes
@@ -77,17 +76,20 @@ def _check_tensor(t: torch.Tensor, trailing: tuple[int, ...], what: str, lead_ra
         raise SpectralError(f"{what} of shape {tuple(t.shape)} does not end in {trailing}")
 
 
-def chunk_rows(kernel_size: Sequence[int]) -> int:
+def chunk_rows(kernel_size: Sequence[int], method: Method | None = None) -> int:
     """Kernels per run of the chunked work of :func:`to_spectral` and :func:`to_spatial`: about
     :data:`CHUNK_TAPS` taps, a multiple of 16 kernels for the dense product, at least one kernel for the
-    separable one (whose rows need no padding), so that a slab of the largest kernels holds one.
+    separable one (whose rows need no padding), so that a slab of the largest kernels holds one. ``method`` is
+    :func:`~spectral_cli.transform.kernels.transform_method`'s unless given.
 
     Example:
-        >>> chunk_rows((3, 3)), chunk_rows((5, 5)), chunk_rows((31, 31)), chunk_rows((1024, 1024))
-        (29120, 10480, 272, 1)
+        >>> chunk_rows((3, 3)), chunk_rows((5, 5)), chunk_rows((51, 51)), chunk_rows((1024, 1024))
+        (29120, 10480, 100, 1)
+        >>> chunk_rows((51, 51), "dense")
+        96
     """
     rows = CHUNK_TAPS // math.prod(kernel_size)
-    if transform_method(kernel_size) == "separable":
+    if check_method(method, kernel_size) == "separable":
         return max(1, rows)
     return max(ROW_MULTIPLE, rows // ROW_MULTIPLE * ROW_MULTIPLE)
 
@@ -165,8 +167,8 @@ def spectral_rows(
     if method == "separable":
         product = analysis_rows(rows, ks, basis)
         return out[: rows.shape[0], :width].copy_(product) if out is not None else product
-    if rows.shape[0] > chunk_rows(ks) and rows.shape[0] % ROW_MULTIPLE:
-        raise SpectralError(f"spectral_rows takes at most {chunk_rows(ks)} kernels of {ks}, or a multiple of "
+    if rows.shape[0] > chunk_rows(ks, method) and rows.shape[0] % ROW_MULTIPLE:
+        raise SpectralError(f"spectral_rows takes at most {chunk_rows(ks, method)} kernels of {ks}, or a multiple of "
                             f"{ROW_MULTIPLE}, got {rows.shape[0]}")  # fmt: skip
     product = _run([(rows, row_matrices(basis, ks, rows.dtype, rows.device).analysis)], 0, rows.shape[0], out)
     return product[:, :width]
@@ -210,7 +212,7 @@ def to_spatial(
             out.append(result.new_empty(inputs[0].shape[0], result.shape[1]))
         out[0][i:j] = result
 
-    rows = _chunked(inputs[0].shape[0], chunk_rows(ks), run, _needs_grad(x), place)
+    rows = _chunked(inputs[0].shape[0], chunk_rows(ks, method), run, _needs_grad(x), place)
     return (out[0] if rows is None else rows).reshape(*lead, *ks).to(x.dtype)
 
 
@@ -260,7 +262,7 @@ def to_spectral(
             out.append(flat.new_empty(planes[0], flat.shape[0], planes[1]))
         out[0][:, i:j] = result[:, :width].view(j - i, *planes).transpose(0, 1)
 
-    rows = _chunked(flat.shape[0], chunk_rows(ks), run, _needs_grad(w), place)
+    rows = _chunked(flat.shape[0], chunk_rows(ks, method), run, _needs_grad(w), place)
     if rows is not None:
         out = [rows[:, :width].reshape(-1, *planes).transpose(0, 1).contiguous()]
     return out[0].reshape(shape).to(w.dtype)

@@ -31,10 +31,10 @@ DEFAULT_BASIS: Basis = "rfft"
 Method = Literal["dense", "separable"]
 METHODS: tuple[str, ...] = ("dense", "separable")
 
-#: the largest kernel (in taps) transformed by the dense product; larger ones are separable. Measured
-#: (benchmarks/kernels.py, one CPU thread): the dense product is 4-30x faster up to 11x11 and 5x5x5, even
-#: around 21x21, 7x7x7 and 1-D 64, and 3-25x slower from 31x31 and 1-D 256 on, where its matrix also
-#: grows as taps^2 (9.8 GB at 128x128).
+#: the largest kernel (in taps) transformed by the dense product; larger ones are separable. Measured on one
+#: CPU thread (docs/kernels.md, and a first sweep of more sizes): the dense product is 2-30x faster up to 11x11
+#: and 5x5x5, about even from 21x21 to 31x31 (31x31: rfft 1.5x slower, rdft 1.16x faster), at 7x7x7 and 1-D 64,
+#: and 4-230x slower from 51x51 and 1-D 256 on, where its matrix also grows as taps^2 (9.8 GB at 128x128).
 DENSE_MAX_TAPS = 512
 
 #: dtypes whose kernels are converted (computed in float32 at least, stored back in the same dtype)
