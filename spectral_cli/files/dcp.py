@@ -34,7 +34,7 @@ from ..statedict.records import METADATA_KEY, LayerRecord, parse_records, record
 from ..statedict.surgery import dtype_name
 from .atomic import OutFile
 from .formats import DCP
-from .safetensors_io import tensor_bytes
+from .safetensors_io import value_bytes
 from .sources import Fingerprint, Part
 
 METADATA_FILE = ".metadata"
@@ -129,7 +129,7 @@ class DcpTensor:
         view.copy_(self._bytes[offset : offset + view.numel()])
 
     def copy_to(self, out: OutFile, offset: int) -> None:
-        out.write(tensor_bytes(self.whole()), offset)
+        out.write(value_bytes(self.whole()), offset)
 
 
 class DcpSource:

@@ -241,14 +241,26 @@ def refuse_unstorable(values: Mapping[str, Any], target: Path) -> None:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, writable, without a copy and without numpy (torch does not need it).
 
-    The view does not keep the tensor alive: use it while holding the tensor.
+    The view keeps the tensor alive: ``tensor_bytes(t.contiguous())`` stays valid after the copy's last name is
+    gone. A tensor whose bytes are not its values (a lazy conjugate or negation) is refused, as a non-contiguous
+    one is; :func:`value_bytes` gives the bytes of any tensor.
     """
-    if not tensor.is_contiguous() or tensor.device.type != "cpu":
-        raise ValueError("tensor_bytes needs a contiguous CPU tensor")
+    if not tensor.is_contiguous() or tensor.device.type != "cpu" or tensor.is_conj() or tensor.is_neg():
+        raise ValueError("tensor_bytes needs a contiguous CPU tensor whose bytes are its values")
     nbytes = tensor.numel() * tensor.element_size()
     if not nbytes:
         return memoryview(b"")
-    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+    array = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
+    array._tensor = tensor  # type: ignore[attr-defined]  # the memory stays the tensor's while the view lives
+    return memoryview(array).cast("B")
+
+
+def value_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of ``tensor``'s values in row-major order, as a file holds them: a view of its memory when that
+    is laid out so, else of a copy (transposed, sliced, expanded, channels-last, conjugated tensors; another
+    device), which the view keeps alive."""
+    plain = tensor.detach().resolve_conj().resolve_neg().to("cpu").contiguous()
+    return tensor_bytes(plain)
 
 
 def pread_into(fd: int, view: memoryview, offset: int, path: Path, syscalls: Syscalls = SYSCALLS) -> None:
@@ -438,7 +450,7 @@ def _write_pieces(
             size = piece.numel() * piece.element_size()
             if offset < 0 or offset + size > spec.nbytes or str(piece.dtype).removeprefix("torch.") != spec.dtype:
                 raise ValueError(f"{name}: produced a {piece.dtype} piece at {offset}..{offset + size}, outside {spec}")
-            out.write(tensor_bytes(piece.detach().contiguous()), position + offset)
+            out.write(value_bytes(piece), position + offset)
             covered.append((offset, offset + size))
             wrote(size)
     finally:

@@ -28,7 +28,7 @@ from ..errors import OOM_FIX, CheckpointError, OutOfMemoryError, RefusedError, f
 from ..statedict.surgery import InMemory, records_of, spec_of, specs_of
 from .atomic import OutFile
 from .formats import TORCH
-from .safetensors_io import tensor_bytes
+from .safetensors_io import value_bytes
 from .sources import Fingerprint, Part
 
 #: keys under which trainers (timm, Lightning, DeepSpeed, plain scripts) keep weights, in search order
@@ -54,7 +54,7 @@ class MemoryTensor(InMemory):
     """A tensor of a loaded torch file, as a source gives it."""
 
     def copy_to(self, out: OutFile, offset: int) -> None:
-        out.write(tensor_bytes(self.tensor.detach().contiguous()), offset)
+        out.write(value_bytes(self.tensor), offset)
 
 
 def get_at(obj: Any, loc: tuple[str, ...]) -> Any:
