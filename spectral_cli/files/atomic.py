@@ -1,16 +1,20 @@
-"""The one way an output reaches its name: written beside it, synced, checked, then renamed into place at once.
+"""The one way an output reaches its name: written unnamed or under a hidden name beside it, synced, checked, then
+renamed into place at once.
 
-An :class:`Output` is a temporary file, or a staging directory of files (sharded output), named
-``.<target name>.spectral-<random>.tmp`` beside the target: hidden, so never mistaken for output. Every write
-goes through it (:class:`OutFile`), so a refused write is reported once, naming the target and the fix
-(:class:`~spectral_cli.errors.OutputError`). :meth:`Output.commit` syncs the data, runs the caller's check, and
-renames (a directory replacing an older one is swapped in one step where Linux can, ``renameat2``), then syncs
-the directory so that the new name survives a power loss. On any failure, exception or signal the temporary is
-removed and whatever the target held before is untouched.
+A file output is written into an *unnamed* file of the target's directory where the file system can make one
+(Linux ``O_TMPFILE``: ext4, xfs, btrfs, tmpfs...): it has no name until :meth:`Output.commit` links it under a
+short hidden name and renames that over the target, so a process killed outright (``SIGKILL``, the OOM killer,
+a power loss) leaves nothing behind. Elsewhere, and for directory outputs (shards, distributed checkpoints,
+model directories), the output is a hidden temporary ``.spectral-<16 hex digits>.tmp`` beside the target, locked
+(``flock``) while its writer lives; a small watcher process (:data:`_WATCHER`) removes it if the writer dies
+before the rename, and the next output into the same directory removes any that a watcher could not (both check
+that it is still the temporary this tool made: the name, the owner, no lock, and never a path of the input).
 
-A process killed outright (``SIGKILL``, a power loss) cannot clean up: its temporaries stay hidden, and the next
-output to the same name removes them. A temporary is locked (``flock``) while its writer lives, so one still
-being written by another process is never taken for a stale one. Imports no torch.
+Every write goes through an :class:`OutFile`, so a refused write is reported once, naming the target and the fix
+(:class:`~spectral_cli.errors.OutputError`). :meth:`Output.commit` syncs the data, runs the caller's check on the
+finished output, and renames (a directory replacing an older one is swapped in one step where Linux can,
+``renameat2``), then syncs the directory so that the new name survives a power loss. On any failure, exception
+or signal the temporary is removed and whatever the target held before is untouched. Imports no torch.
 
 Example:
     >>> import pathlib, tempfile
@@ -26,9 +30,13 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
+import re
 import secrets
 import shutil
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +48,9 @@ try:
 except ImportError:  # Windows: no flock; stale temporaries are then never removed
     fcntl = None  # type: ignore[assignment]
 
-#: the mark of our temporaries: ``.<target name>.spectral-<random>.tmp``
-TEMP_MARK = ".spectral-"
+#: the name of every temporary this tool makes: short (an output's name can be as long as the system allows), and
+#: matched in full before anything is removed
+TEMP_NAME = re.compile(r"\.spectral-[0-9a-f]{16}\.tmp")
 _COPY_CHUNK = 16 << 20
 #: errors of copy_file_range that mean "not here" (old kernel, other file systems, seccomp): copy by hand
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
@@ -84,6 +93,11 @@ def _lock(fd: int, wait: bool = True) -> bool:
     return True
 
 
+def temp_name() -> str:
+    """A new temporary's name: ``.spectral-<16 hex digits>.tmp``."""
+    return f".spectral-{secrets.token_hex(8)}.tmp"
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -91,29 +105,97 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def clear_stale(target: Path) -> list[Path]:
-    """Remove the temporaries of ``target`` that a killed process left (those no live process holds locked)."""
+def _holds(path: str, inputs: list[str]) -> bool:
+    """Whether ``path`` is, or is a directory holding, one of ``inputs`` (real paths)."""
+    real = os.path.realpath(path)
+    return any(p == real or p.startswith(real.rstrip(os.sep) + os.sep) for p in inputs)
+
+
+def clear_stale(directory: Path, inputs: Iterable[Path] = ()) -> list[Path]:
+    """Remove the temporaries in ``directory`` that a killed writer left: entries named as :data:`TEMP_NAME`
+    says, files or directories (not symlinks) owned by this user, that no live writer holds locked and that are
+    not (and do not hold) any of ``inputs``."""
     if fcntl is None:
         return []
-    prefix, removed = f".{target.name}{TEMP_MARK}", []
+    keep, removed = [os.path.realpath(p) for p in inputs], []
     try:
-        entries = list(os.scandir(target.parent))
+        entries = list(os.scandir(directory))
     except OSError:
         return []
     for entry in entries:
-        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")) or entry.is_symlink():
+        if not TEMP_NAME.fullmatch(entry.name) or entry.is_symlink() or _holds(entry.path, keep):
             continue
         try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError:
             continue
         try:
-            if _lock(fd, wait=False):
+            st = os.fstat(fd)
+            ours = st.st_uid == os.geteuid() and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode))
+            if ours and _lock(fd, wait=False):
                 _remove(Path(entry.path))
                 removed.append(Path(entry.path))
         finally:
             os.close(fd)
     return removed
+
+
+#: the watcher of a named temporary: a process of its own that waits for its writer's end (its standard input
+#: closes, whatever ended the writer, ``SIGKILL`` included) and then removes the temporary, if it is still the
+#: one made (same device and inode) and the writer did not say it was done with it (by writing a byte first)
+_WATCHER = """
+import os, shutil, signal, sys
+for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGPIPE"):
+    if hasattr(signal, name):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+path, dev, ino = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if not sys.stdin.buffer.read(1):
+    try:
+        st = os.lstat(path)
+    except OSError:
+        sys.exit(0)
+    if (st.st_dev, st.st_ino) == (dev, ino):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+"""
+
+
+def _watch(path: Path) -> subprocess.Popen[bytes] | None:
+    """Start the watcher of the temporary ``path``; None where no process can be started (the next output into
+    the same directory then removes a temporary left behind)."""
+    if not sys.executable or os.name != "posix":
+        return None
+    try:
+        st = os.lstat(path)
+        return subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _WATCHER, str(path), str(st.st_dev), str(st.st_ino)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def _unwatch(watcher: subprocess.Popen[bytes] | None) -> None:
+    """The writer is done with its temporary (renamed into place, or removed): its watcher leaves it alone."""
+    if watcher is None:
+        return
+    try:
+        assert watcher.stdin is not None
+        watcher.stdin.write(b"x")
+        watcher.stdin.close()
+    except OSError:
+        pass
+    try:
+        watcher.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        watcher.kill()
+
+
+def _unnamed_files() -> bool:
+    """Whether this system can make unnamed files and name them later (``O_TMPFILE``, ``/proc/self/fd``)."""
+    return hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
 
 def fsync_directory(directory: Path, syscalls: Syscalls = SYSCALLS) -> None:
@@ -214,39 +296,67 @@ class Output:
     """An output written beside ``target`` and renamed into place by :meth:`commit`; removed if never committed.
 
     ``directory``: the output is a directory of files (:meth:`file` with a name); else one file (:meth:`file`).
-    The caller has checked the target (``files.formats.check_output``); an existing target is replaced.
+    ``inputs``: the input's paths, which the clearing of stale temporaries never touches. The caller has checked
+    the target (``files.formats.check_output``); an existing target is replaced. :attr:`path` is where the output
+    can be read while it is written: the staging directory, the hidden file, or (unnamed) ``/proc/self/fd/N``.
     """
 
-    def __init__(self, target: Path, *, directory: bool = False, syscalls: Syscalls = SYSCALLS) -> None:
+    def __init__(
+        self, target: Path, *, directory: bool = False, syscalls: Syscalls = SYSCALLS, inputs: Iterable[Path] = ()
+    ) -> None:
         self.target, self.directory, self.syscalls = target, directory, syscalls
-        self.path = target.parent / f".{target.name}{TEMP_MARK}{secrets.token_hex(4)}.tmp"
+        self.inputs = list(inputs)
+        self.path = target.parent / temp_name()
+        self.unnamed = False
         self.committed = False
         self._files: list[OutFile] = []
         self._lock_fd: int | None = None
+        self._watcher: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Output:
-        clear_stale(self.target)
+        clear_stale(self.target.parent, self.inputs)
         cloexec = getattr(os, "O_CLOEXEC", 0)
         try:
             if self.directory:
                 self.syscalls.mkdir(self.path, 0o777)  # less the umask: the mode of any new directory
                 self._lock_fd = os.open(self.path, os.O_RDONLY | cloexec)
             else:
-                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | cloexec
-                fd = self.syscalls.open(self.path, flags, 0o666)  # less the umask: the mode of any new file
+                fd = self._unnamed_file(cloexec)
+                if fd is None:
+                    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | cloexec
+                    fd = self.syscalls.open(self.path, flags, 0o666)  # less the umask: the mode of any new file
                 self._files.append(OutFile(fd, self.path, self.target, self.syscalls))
                 self._lock_fd = fd
             _lock(self._lock_fd)
         except OSError as e:
             self._close()
-            _remove(self.path)
+            if not self.unnamed:
+                _remove(self.path)
             raise output_error(self.target, e) from None
+        if not self.unnamed:
+            self._watcher = _watch(self.path)
         return self
+
+    def _unnamed_file(self, cloexec: int) -> int | None:
+        """A new unnamed file in the target's directory, or None where the file system makes none."""
+        if not _unnamed_files():
+            return None
+        try:
+            fd = self.syscalls.open(self.target.parent, os.O_TMPFILE | os.O_RDWR | cloexec, 0o666)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS):
+                return None
+            raise
+        self.unnamed = True
+        self.path = Path(f"/proc/self/fd/{fd}")
+        return fd
 
     def __exit__(self, *exc: object) -> None:
         self._close()
-        if not self.committed:
+        if not self.committed and not self.unnamed:
             _remove(self.path)
+        _unwatch(self._watcher)
+        self._watcher = None
 
     def file(self, name: str | None = None) -> OutFile:
         """The output file (``name`` None), or a new file ``name`` in the output directory (:meth:`done` with it
@@ -284,7 +394,9 @@ class Output:
             verify(self.path)
         _committing = True
         try:
-            if self.directory and os.path.lexists(self.target):
+            if self.unnamed:
+                self._link_and_replace()
+            elif self.directory and os.path.lexists(self.target):
                 self._swap()
             else:
                 self.syscalls.replace(self.path, self.target)
@@ -295,6 +407,16 @@ class Output:
                 raise output_error(self.target, e) from None
         finally:
             _committing = False
+
+    def _link_and_replace(self) -> None:
+        """The unnamed file gets a short hidden name, which then replaces the target."""
+        named = self.target.parent / temp_name()
+        self.syscalls.link(self.path, named)
+        try:
+            self.syscalls.replace(named, self.target)
+        except BaseException:
+            named.unlink(missing_ok=True)
+            raise
 
     def _swap(self) -> None:
         """The staging directory takes the target's name; the older output is removed."""
@@ -308,7 +430,7 @@ class Output:
                 self.committed = True
                 _remove(self.path)
                 return
-        aside = self.target.parent / f".{self.target.name}{TEMP_MARK}{secrets.token_hex(4)}.tmp"
+        aside = self.target.parent / temp_name()
         self.syscalls.replace(self.target, aside)
         try:
             self.syscalls.replace(self.path, self.target)

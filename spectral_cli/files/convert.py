@@ -181,7 +181,7 @@ def _transform(action: Action, path: Path, options: Options) -> FileReport:
                     for step in plan.steps:
                         assemble(step, run(part, step))
             else:
-                with Output(sink.target, directory=sink.directory, syscalls=options.io.syscalls) as out:
+                with Output(sink.target, directory=sink.directory, syscalls=options.io.syscalls, inputs=src.inputs()) as out:
                     verify = sink.write(out, run, _ticker(options.progress, sink))
 
                     def check(written: Path) -> None:

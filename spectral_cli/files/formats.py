@@ -23,7 +23,7 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import CheckpointError, RefusedError
+from ..errors import CheckpointError, OutputError, RefusedError
 
 SAFETENSORS = "safetensors"
 SHARDED = "safetensors-sharded"
@@ -127,9 +127,12 @@ def output_format(path: Path, input_format: str) -> str:
 
 
 def default_output(source: Path, tag: str, fmt: str) -> Path:
-    """``model.pt`` -> ``model.<tag>.pt``, ``shards/`` -> ``shards.<tag>/`` (an earlier tag is replaced)."""
+    """``model.pt`` -> ``model.<tag>.pt``, ``shards/`` -> ``shards.<tag>/`` (an earlier tag is replaced); ``.``,
+    ``./`` or an index file given by its bare name are named from the directory they stand for."""
     if fmt in (SHARDED, DCP, MODEL_DIR):
         base = source if source.is_dir() else source.parent
+        if base.name in ("", ".", ".."):
+            base = Path(os.path.abspath(base))
         name = base.name.removesuffix(".spectral").removesuffix(".baked")
         return base.with_name(f"{name}.{tag}")
     stem = source.stem
@@ -139,6 +142,14 @@ def default_output(source: Path, tag: str, fmt: str) -> Path:
     if fmt != SAFETENSORS and suffix == ".safetensors":
         suffix = ".pt"
     return source.with_name(f"{stem}.{tag}{suffix}")
+
+
+def name_max(directory: Path) -> int:
+    """The longest file name ``directory`` takes, in bytes (255 where the system does not say)."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
 
 
 def _within(path: str, directory: str) -> bool:
@@ -153,6 +164,9 @@ def check_output(inputs: Iterable[Path], target: Path, *, force: bool, directory
     directory; it may not replace an existing path (a dangling symlink included) without ``force``, nor a FIFO
     or device even with it.
     """
+    if len(os.fsencode(target.name)) > name_max(target.parent if target.parent.is_dir() else Path(".")):
+        raise OutputError(f"{target}: cannot be written (its name is longer than the file system allows); no output "
+                          "was written; choose a shorter name with -o")  # fmt: skip
     real_target = os.path.realpath(target)
     exists = os.path.lexists(target)
     for path in inputs:
@@ -163,10 +177,15 @@ def check_output(inputs: Iterable[Path], target: Path, *, force: bool, directory
             raise RefusedError(f"{target}: holds the input ({path}); choose another output with -o")
         if os.path.isdir(real) and _within(real_target, real):
             raise RefusedError(f"{target}: is inside the input directory; choose another output with -o")
-    if exists and not os.path.islink(target):
+    if exists:
         mode = target.lstat().st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
             raise RefusedError(f"{target}: is {kind_of(mode)}; give a file path with -o")
+        if stat.S_ISLNK(mode) and os.path.exists(target):  # an output replaces the link, never what it points to
+            pointed = os.stat(target).st_mode
+            if not (stat.S_ISREG(pointed) or stat.S_ISDIR(pointed)):
+                raise RefusedError(f"{target}: is a symlink to {kind_of(pointed)}; an output is never written to or "
+                                   "over a FIFO or a device; give another path with -o")  # fmt: skip
     if target.is_dir() and not directory:
         raise RefusedError(f"{target}: is a directory; give a file name with -o")
     if exists and directory and not target.is_dir():

@@ -53,6 +53,16 @@ def _renameat2_exchange() -> Callable[[Path, Path], None] | None:
     return exchange
 
 
+def _link(existing: Path, new: Path) -> None:
+    """``linkat(existing, new, AT_SYMLINK_FOLLOW)``: also names an unnamed file through ``/proc/self/fd/N`` (a plain
+    ``link`` would try to link that symlink itself)."""
+    directory = os.open(new.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.link(existing, new.name, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=True)
+    finally:
+        os.close(directory)
+
+
 _PWRITE: Callable[[int, Buffer, int], int] = getattr(os, "pwrite", _pwrite)
 _PREADV: Callable[[int, Sequence[Buffer], int], int] | None = getattr(os, "preadv", None)
 _FDATASYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
@@ -78,6 +88,8 @@ class Syscalls:
     mkdir: Callable[[Path, int], None] = os.mkdir
     #: ``replace(src, dst)``: ``os.replace``, also onto an existing file
     replace: Callable[[Path, Path], None] = os.replace
+    #: ``link(existing, new)``: a new name of a file (``/proc/self/fd/N`` of an unnamed one included)
+    link: Callable[[Path, Path], None] = _link
     #: ``exchange(a, b)``: swap two existing paths in one step; without it a directory is swapped in two renames
     exchange: Callable[[Path, Path], None] | None = _EXCHANGE
 
