@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .atomic import OutFile, Output
+from .atomic import TEMP_NAME, OutFile, Output
 from .formats import INDEX_SUFFIX, MODEL_DIR, kind_of
 from .sources import Part, Source
 from .syscalls import SYSCALLS, Syscalls
@@ -25,23 +25,33 @@ from .syscalls import SYSCALLS, Syscalls
 #: torch weight files a model directory may hold (other ``.bin`` files, such as ``training_args.bin``, are kept)
 TORCH_WEIGHTS = (".pt", ".pth", ".ckpt")
 TORCH_WEIGHT_BINS = ("pytorch_model", "diffusion_pytorch_model")
-#: the deepest folder searched for weight files (a pipeline's components are one level down)
+#: the deepest folder searched for weight files (a pipeline's components are one level down); files deeper down
+#: are carried over as they are
 MAX_DEPTH = 3
 
 
 def _files(root: Path) -> Iterator[Path]:
-    """Every regular file below ``root`` (relative), hidden ones (and our temporaries) left out."""
-    for directory, folders, names in os.walk(root):
+    """Every file below ``root`` (relative), at any depth, hidden ones included (this tool's temporaries left
+    out), through symlinked folders (a symlink loop is refused: the walk would never end)."""
+    for directory, folders, names in os.walk(root, followlinks=True):
         relative = Path(directory).relative_to(root)
-        folders[:] = sorted(f for f in folders if not f.startswith(".") and len(relative.parts) < MAX_DEPTH)
+        real = os.path.realpath(directory)
+        if any(os.path.realpath(root / above) == real for above in relative.parents):
+            raise CheckpointError(f"{directory}: a symlink leads back to a folder above it; remove the loop")
+        folders[:] = sorted(f for f in folders if not TEMP_NAME.fullmatch(f))
         for name in sorted(names):
-            if name.startswith("."):
+            if TEMP_NAME.fullmatch(name):
                 continue
-            if not (Path(directory) / name).is_file():  # a FIFO or a device: reading it could block or never end
-                path = Path(directory) / name
+            path = Path(directory) / name
+            if not path.is_file():  # a FIFO or a device: reading it could block or never end
                 kind = kind_of(os.stat(path).st_mode) if os.path.exists(path) else "a dangling symlink"
                 raise CheckpointError(f"{path}: is {kind}, not a file of a model directory; remove it")
             yield relative / name
+
+
+def _searched(path: Path) -> bool:
+    """Whether ``path`` (relative) may be a weight unit: not hidden, at most :data:`MAX_DEPTH` folders down."""
+    return len(path.parts) <= MAX_DEPTH + 1 and not any(part.startswith(".") for part in path.parts)
 
 
 def is_torch_weights(name: str) -> bool:
@@ -54,7 +64,7 @@ def units_of(root: Path) -> tuple[list[Path], list[Path]]:
     files = list(_files(root))
     units: list[Path] = []
     claimed: set[Path] = set()
-    for path in files:
+    for path in filter(_searched, files):
         if path.name.endswith(INDEX_SUFFIX):
             try:
                 weight_map = json.loads((root / path).read_text()).get("weight_map", {})
@@ -70,7 +80,7 @@ def units_of(root: Path) -> tuple[list[Path], list[Path]]:
         elif path.name.endswith(".bin.index.json"):
             raise CheckpointError(f"{root / path}: torch weights sharded in .bin files are not read; save them with "
                                   "safe_serialization=True (safetensors shards) and convert that")  # fmt: skip
-    for path in files:
+    for path in filter(_searched, files):
         if path in claimed or path in units:
             continue
         if path.suffix == ".safetensors" or is_torch_weights(path.name):

@@ -287,8 +287,13 @@ def pread_into(fd: int, view: memoryview, offset: int, path: Path, syscalls: Sys
 class FileTensor:
     """A tensor of a safetensors file, read when needed (:class:`~spectral_cli.statedict.surgery.Stored`)."""
 
-    def __init__(self, fd: int, path: Path, entry: Entry, syscalls: Syscalls) -> None:
-        self.fd, self.path, self.entry, self.syscalls = fd, path, entry, syscalls
+    def __init__(self, fd: int | Callable[[], int], path: Path, entry: Entry, syscalls: Syscalls) -> None:
+        self._fd, self.path, self.entry, self.syscalls = fd, path, entry, syscalls
+
+    @property
+    def fd(self) -> int:
+        """The file's descriptor (``fd``, or opened when first needed: shards are opened as they are read)."""
+        return self._fd if isinstance(self._fd, int) else self._fd()
 
     def read(self, offset: int, out: torch.Tensor) -> None:
         view = tensor_bytes(out)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ from .safetensors_io import FileTensor, Header, file_metadata, read_header, veri
 from .sources import Fingerprint, Part
 from .syscalls import SYSCALLS, Syscalls
 
+#: the most shards held open at once (each is opened when read, and the least recently read closed)
+OPEN_SHARDS = 16
 #: the largest index file read (a weight map of a million tensors is about 100 MB)
 MAX_INDEX_BYTES = 256 << 20
 
@@ -58,14 +62,20 @@ class ShardSource:
         self.index = _read_index(self.index_path)
         weight_map: dict[str, str] = self.index["weight_map"]
         self.headers: dict[str, Header] = {}
-        self._fds: dict[str, int] = {}
+        self._identity: dict[str, tuple[int, ...]] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
         try:
             for shard in dict.fromkeys(weight_map.values()):
                 shard_path = self.index_path.parent / shard
                 if Path(shard).name != shard or shard in ("", ".", "..") or not shard_path.is_file():
                     raise CheckpointError(f"{self.index_path}: names shard {shard!r}, which is not a file beside it")
-                self._fds[shard] = open_regular(shard_path)
-                self.headers[shard] = read_header(shard_path, self._fds[shard])
+                fd = open_regular(shard_path)
+                try:
+                    self.headers[shard] = read_header(shard_path, fd)
+                    self._identity[shard] = Fingerprint.of(os.fstat(fd))
+                finally:
+                    os.close(fd)
             self.owner: dict[str, str] = {}
             for shard, header in self.headers.items():
                 for key in header.entries:
@@ -85,12 +95,32 @@ class ShardSource:
             raise
         specs = {k: self.headers[shard].entries[k].spec for k, shard in self.owner.items()}
         self.parts = [Part((), specs, records, self.tensor)]
-        self.fingerprint = Fingerprint(list(self._fds.values()))
+        self.fingerprint = Fingerprint([self.index_path, *(h.path for h in self.headers.values())])
+
+    def _fd(self, shard: str) -> int:
+        """The open descriptor of ``shard``: opened when first read (a directory of thousands of shards is never held
+        open at once: at most :data:`OPEN_SHARDS`), and checked to be the file whose header was read."""
+        with self._lock:
+            fd = self._fds.get(shard)
+            if fd is not None:
+                self._fds.move_to_end(shard)
+                return fd
+            path = self.headers[shard].path
+            fd = open_regular(path)
+            if Fingerprint.of(os.fstat(fd)) != self._identity[shard]:
+                os.close(fd)
+                self.fingerprint.check(self.index_path.parent)
+                raise CheckpointError(f"{path}: changed while it was being read; no output was written; run again "
+                                      "once nothing is writing to it")  # fmt: skip
+            self._fds[shard] = fd
+            while len(self._fds) > OPEN_SHARDS:
+                os.close(self._fds.popitem(last=False)[1])
+            return fd
 
     def tensor(self, key: str) -> FileTensor:
         shard = self.owner[key]
         header = self.headers[shard]
-        return FileTensor(self._fds[shard], header.path, header.entries[key], self.syscalls)
+        return FileTensor(lambda: self._fd(shard), header.path, header.entries[key], self.syscalls)
 
     def metadata(self, name: str | None = None) -> dict[str, str]:
         header = self.headers.get(name or "") or next(iter(self.headers.values()), None)
@@ -103,9 +133,10 @@ class ShardSource:
         self.fingerprint.check(self.index_path.parent)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
 
 def shard_layout(

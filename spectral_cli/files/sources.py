@@ -94,12 +94,12 @@ class Fingerprint:
 
     def _take(self) -> list[tuple[int, ...]]:
         try:
-            return [self._of(os.stat(f)) for f in self.files]
+            return [self.of(os.stat(f)) for f in self.files]
         except OSError:
             return []
 
     @staticmethod
-    def _of(st: os.stat_result) -> tuple[int, ...]:
+    def of(st: os.stat_result) -> tuple[int, ...]:
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def check(self, where: Path) -> None:
