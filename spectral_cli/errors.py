@@ -78,6 +78,20 @@ class OutOfMemoryError(SpectralError):
     exit_code = 1
 
 
+def in_file(error: SpectralError, where: object) -> SpectralError:
+    """``error`` as said of the file ``where`` (a state dict's rule broken inside a checkpoint names the checkpoint
+    first); unchanged if it names it already.
+
+    Example:
+        >>> str(in_file(CheckpointError("conv.weight: damaged"), "model.pt"))
+        'model.pt: conv.weight: damaged'
+    """
+    text, name = str(error), str(where)
+    if text.startswith(name):
+        return error
+    return type(error)(f"{name}: {text}")
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of ``e``'s message (its type's name if it has none), at most ``limit`` characters: what a
     one-line error quotes of an exception from below.
@@ -108,4 +122,16 @@ def is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
         return True
     text = str(e).lower()
+    if isinstance(e, ImportError) and "failed to map segment" in text:  # a library mapped past ``ulimit -v``
+        return _address_space_capped()
     return isinstance(e, (RuntimeError, OSError)) and any(t in text for t in _OOM_TEXT)
+
+
+def _address_space_capped() -> bool:
+    """Whether this process's address space is limited (``ulimit -v``): a library that cannot be mapped then ran
+    out of it (elsewhere the cause is another, such as a file system mounted ``noexec``)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return False
+    return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY

@@ -447,7 +447,7 @@ def _read_only_directory(work: Path) -> Io:
 
     def refuse(real: Callable[..., Any]) -> Callable[..., Any]:
         def call(path: Path, *args: Any) -> Any:
-            if Path(path).parent.resolve() == readonly.resolve():
+            if readonly.resolve() in (Path(path).resolve(), Path(path).parent.resolve()):  # in it, or O_TMPFILE
                 raise PermissionError(13, "Permission denied", str(path))
             return real(path, *args)
 

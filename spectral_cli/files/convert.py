@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import NothingToDoError, RefusedError
+from ..errors import NothingToDoError, RefusedError, SpectralError, in_file
 from ..statedict.keys import TensorSpec
 from ..statedict.plan import Plan, Skipped, Step, plan_bake, plan_convert
 from ..statedict.records import METADATA_KEY
@@ -156,7 +156,7 @@ class Sink:
 
 def _transform(action: Action, path: Path, options: Options) -> FileReport:
     with contextlib.closing(open_source(path, trust_pickle=options.trust_pickle, syscalls=options.io.syscalls)) as src:
-        plans = [(part, _plan(action, part, options)) for part in src.parts]
+        plans = [(part, _planned(action, src.path, part, options)) for part in src.parts]
         report = FileReport(path, None, src.format, None)
         report.skipped = [(part.where, skip) for part, plan in plans for skip in plan.skipped]
         if not any(plan.steps for _, plan in plans):
@@ -195,6 +195,14 @@ def _transform(action: Action, path: Path, options: Options) -> FileReport:
     report.changed.sort(key=lambda done: order[done[0], done[1].source_key])  # in the input's order
     _warn_nonfinite(report)
     return report
+
+
+def _planned(action: Action, path: Path, part: Part, options: Options) -> Plan:
+    """The plan of one state dict; a rule it breaks is said of its file (and its place in the file)."""
+    try:
+        return _plan(action, part, options)
+    except SpectralError as e:
+        raise in_file(e, f"{path} ({part.where})" if part.where else path) from None
 
 
 def _plan(action: Action, part: Part, options: Options) -> Plan:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import SpectralError, in_file
 from ..statedict.plan import LayerInfo, describe
 from .formats import DCP, SAFETENSORS, SHARDED
 from .sources import open_source
@@ -59,7 +60,11 @@ def inspect_file(
         profiles: dict[tuple[str, str], list[float]] = {}
         params = nbytes = 0
         for part in src.parts:
-            for info in describe(part.specs, part.records, include_spatial=include_spatial):
+            try:
+                infos = describe(part.specs, part.records, include_spatial=include_spatial)
+            except SpectralError as e:
+                raise in_file(e, f"{path} ({part.where})" if part.where else path) from None
+            for info in infos:
                 layers.append((part.where, info))
                 profile = _profile(part.tensor(info.key).whole(), info) if energy else None
                 if profile is not None:

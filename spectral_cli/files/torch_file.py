@@ -14,11 +14,12 @@ written file is read back and compared tensor by tensor before it is renamed int
 from __future__ import annotations
 
 import contextlib
+import itertools
 import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,14 @@ def _tensors_of(state_dict: Mapping[str, Any]) -> Callable[[str], MemoryTensor]:
     return lambda key: MemoryTensor(state_dict[key])
 
 
+def _refuse_lazy(path: Path, *named: Iterable[tuple[str, Any]]) -> None:
+    """Refuse parameters of a lazy module (``nn.LazyConv2d``) saved before its first forward: they have no shape."""
+    for name, value in itertools.chain(*named):
+        if isinstance(value, torch.nn.parameter.UninitializedTensorMixin):
+            raise CheckpointError(f"{path}: {name} belongs to a lazy module not initialized (it has no shape yet); "
+                                  "run one forward pass before saving the model")  # fmt: skip
+
+
 class TorchSource:
     """A torch file as a source: loaded whole; every state dict in its container is a :class:`Part`."""
 
@@ -218,6 +227,7 @@ class TorchSource:
                                   "damaged or hostile")  # fmt: skip
         conv_modules = None
         if isinstance(obj, torch.nn.Module):
+            _refuse_lazy(path, obj.named_parameters(remove_duplicate=False), obj.named_buffers(remove_duplicate=False))
             from ..parametrization import CONV_TYPES
 
             conv_modules = frozenset(n for n, m in obj.named_modules() if isinstance(m, CONV_TYPES))
@@ -232,6 +242,7 @@ class TorchSource:
         self.parts = []
         for loc in locations:
             sd = get_at(obj, loc)
+            _refuse_lazy(path, sd.items())
             where = f"{path}" + (f" ({'/'.join(loc)})" if loc else "")
             self.parts.append(Part(loc, specs_of(sd), records_of(sd, where), _tensors_of(sd), values=sd,
                                    conv_modules=conv_modules))  # fmt: skip

@@ -166,7 +166,7 @@ def spectral_step(
         shape, dtype, name = spec.shape, spec.dtype, module_name(key, SPECTRAL_SUFFIX)
     else:
         return None
-    if not 4 <= len(shape) <= 6:
+    if not 4 <= len(shape) <= 6 or 0 in shape[3:]:  # no kernel in it: carried over as it is
         return None
     ks = tuple(kernel_size) if kernel_size is not None else ()
     given = len(ks) == len(shape) - 3 and tuple(shape[-len(ks) :]) == spectral_kernel_shape(ks, "rfft")

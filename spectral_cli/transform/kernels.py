@@ -49,7 +49,7 @@ def why_not_convertible(
     """``None`` if a conv kernel is converted, else why it is left as it is (the reason every listing shows).
 
     A kernel is converted when it is selected (``include``/``exclude``), a dense tensor of a float dtype, has more
-    than one tap, and is not masked (CompressAI's ``MaskedConv2d`` writes ``weight.data`` in its forward, which a
+    than one tap (and no zero-size kernel dimension), and is not masked (CompressAI's ``MaskedConv2d`` writes ``weight.data`` in its forward, which a
     parametrized weight ignores). ``dtype`` is torch's name without ``torch.`` (``"float32"``).
 
     Example:
@@ -64,6 +64,8 @@ def why_not_convertible(
         return f"not a dense tensor ({kind})"
     if dtype not in CONVERTIBLE_DTYPES:
         return f"not float ({dtype})"
+    if math.prod(kernel_size) == 0:
+        return "empty kernel (a zero-size kernel dimension)"
     if math.prod(kernel_size) == 1:
         return "1x1 kernel"
     if masked:
