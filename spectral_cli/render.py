@@ -112,6 +112,7 @@ def file_report_json(command: str, report: FileReport, dry_run: bool) -> dict[st
         "file": str(report.source),
         "output": None if report.target is None else str(report.target),
         "written": report.written,
+        "verified_tensors": report.verified,
         "dry_run": dry_run,
         "message": report.message,
         "layers": [
@@ -175,7 +176,8 @@ def file_report_summary(command: str, report: FileReport) -> str:
     worst = _error(max(errors)) if errors and all(math.isfinite(e) for e in errors) else "n/a"
     target = printable(report.target)
     where = f"wrote {target}" if report.written else f"dry run, would write {target}"
-    return f"{verb} {len(report.changed)} layers, skipped {len(report.skipped)}; max error {worst}; {where}"
+    verified = f" (verified {report.verified} tensors)" if report.written else ""
+    return f"{verb} {len(report.changed)} layers, skipped {len(report.skipped)}; max error {worst}; {where}{verified}"
 
 
 def _finite_or_none(values: list[float] | None) -> list[float] | None:

@@ -273,18 +273,6 @@ def write_torch(out: OutFile, obj: Any) -> None:
         raise
 
 
-def verify_torch(path: Path, target: Path, written: Any, locations: list[tuple[str, ...]], trust: bool) -> None:
-    """Read the written file back (before it replaces ``target``) and compare every state dict with ``written``."""
-    back = load(path, TORCH, trust)
-    for loc in locations:
-        expected, actual = get_at(written, loc), get_at(back, loc)
-        bad = [k for k, v in expected.items() if isinstance(v, torch.Tensor) and not same(v, actual.get(k))]
-        if bad or list(expected) != list(actual):
-            raise CheckpointError(f"{target}: read back differently from what was written ({bad[:3]}); not written")
-        if records_of(expected) != records_of(actual):
-            raise CheckpointError(f"{target}: lost its spectral records on writing; not written")
-
-
 def same(a: torch.Tensor, b: Any) -> bool:
     """Same dtype, shape and values; NaN equals NaN (a checkpoint's NaNs are carried over, not an error).
 

@@ -159,19 +159,29 @@ def with_records(
     return out
 
 
-def execute(step: Step, stored: Stored, scratch: Scratch) -> Changes:
+def step_input(step: Step, stored: Stored) -> Stored:
+    """What ``step`` reads: ``stored``, or for CompressAI's complex coefficients their real and imaginary parts,
+    as rfft planes."""
+    if not step.complex_source:
+        return stored
+    complex_tensor = stored.whole()
+    return InMemory(torch.stack((complex_tensor.real, complex_tensor.imag)))
+
+
+def execute(step: Step, stored: Stored, scratch: Scratch, *, measure: bool = True) -> Changes:
     """Run ``step`` on ``stored``: the result in pieces (in order; each valid until the next is asked for), then
-    the change made, with its error measured as the pieces were made."""
-    if step.complex_source:  # CompressAI's complex coefficients: their real and imaginary parts, as rfft planes
-        complex_tensor = stored.whole()
-        stored = InMemory(torch.stack((complex_tensor.real, complex_tensor.imag)))
+    the change made, with its error measured as the pieces were made (NaN if not ``measure``: a file's writer
+    measures it on what it wrote, :func:`~spectral_cli.files.verify.verify_output`)."""
+    stored = step_input(step, stored)
     dtype = getattr(torch, step.dtype)
     if step.action == "convert":
-        pieces = spectral_pieces(stored.read, step.shape_before, dtype, step.kernel_size, step.basis, scratch)
+        pieces = spectral_pieces(stored.read, step.shape_before, dtype, step.kernel_size, step.basis, scratch,
+                                 measure)  # fmt: skip
     else:
         shape = (2, *step.shape_before) if step.complex_source else step.shape_before
         out_dtype = getattr(torch, step.out_dtype)
-        pieces = spatial_pieces(stored.read, shape, dtype, step.kernel_size, step.basis, out_dtype, scratch)
+        pieces = spatial_pieces(stored.read, shape, dtype, step.kernel_size, step.basis, out_dtype, scratch,
+                                measure)  # fmt: skip
     error = yield from pieces
     return LayerChange.of(step, error)
 

@@ -142,10 +142,18 @@ def slab_bounds(rows: int, kernel_size: tuple[int, ...], row_bytes: int, slab_by
 
 
 def spectral_pieces(
-    read: Read, shape: tuple[int, ...], dtype: torch.dtype, ks: tuple[int, ...], basis: Basis, scratch: Scratch
+    read: Read,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    ks: tuple[int, ...],
+    basis: Basis,
+    scratch: Scratch,
+    measure: bool = True,
 ) -> Pieces:
     """``to_spectral`` of the weight of ``shape`` and ``dtype`` read through ``read``: the bits of the whole, in
-    bounded memory, and the round-trip error (the stored coefficients baked back against the weight)."""
+    bounded memory, and the round-trip error (the stored coefficients baked back against the weight; NaN when
+    not ``measure``\ d: a file writer measures it on what it wrote, :func:`spatial_pieces` of the written
+    coefficients against the weight)."""
     taps = math.prod(ks)
     rows = math.prod(shape) // taps
     if rows == 0:
@@ -178,7 +186,7 @@ def spectral_pieces(
                     pieces = [stored.view(m, width)]
                     pieces[0].copy_(coefficients[:m])
                     rounded = pieces[0]
-                error = _round_trip_error(scratch, rounded, weight[:m], ks, basis)
+                error = _round_trip_error(scratch, rounded, weight[:m], ks, basis) if measure else _UNMEASURED
         return pieces, error, lease
 
     errors = []
@@ -199,9 +207,11 @@ def spatial_pieces(
     basis: Basis,
     out_dtype: torch.dtype,
     scratch: Scratch,
+    measure: bool = True,
 ) -> Pieces:
     """``to_spatial`` of the ``basis`` coefficients of ``shape`` and ``dtype`` read through ``read``, cast to
-    ``out_dtype``: the bits of the whole, in bounded memory, and the rounding error (against float64)."""
+    ``out_dtype``: the bits of the whole, in bounded memory, and the rounding error (against float64; NaN when
+    not ``measure``\ d)."""
     planes = 2 if basis == "rfft" else 1
     trailing = tuple(shape[len(shape) - len(ks) :])
     rows = math.prod(shape) // (planes * math.prod(trailing))
@@ -216,7 +226,11 @@ def spatial_pieces(
             for p in range(planes):  # plane p holds rows p * rows ... (p + 1) * rows of the stored tensor
                 read((p * rows + i) * row_bytes, x[p])
             x = x if basis == "rfft" else x[0]
+            if out_dtype == torch.float64:  # asked for float64: computed in it (the reference of a bake's rounding)
+                x = x.to(torch.float64)
             weight = to_spatial(x, ks, basis).to(out_dtype)
+            if not measure:
+                return weight, _UNMEASURED
             return weight, _slab_error(weight, to_spatial(x.to(torch.float64), ks, basis))
 
     errors = []
@@ -265,7 +279,22 @@ def _slab_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     return torch.stack((torch.maximum(-diff.min, diff.max), torch.maximum(-scale.min, scale.max))).double()
 
 
+#: the error of a slab not measured: ``[NaN, 1]``
+_UNMEASURED = torch.tensor([math.nan, 1.0], dtype=torch.float64)
+
+
+def slab_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """``[max |actual - expected|, max |expected|]`` of one slab, for :func:`relative_error`."""
+    return _slab_error(actual, expected)
+
+
+def relative_error(slabs: Sequence[torch.Tensor]) -> float:
+    """``max diff / max scale`` over the slabs of :func:`slab_error` (NaN when a slab holds NaN or Inf; 0 when
+    there are none)."""
+    return _relative_error(slabs) if slabs else 0.0
+
+
 def _relative_error(slabs: Sequence[torch.Tensor]) -> float:
     """``max diff / max scale`` over the slabs (NaN when a slab holds NaN or Inf)."""
     diff, scale = torch.stack(list(slabs)).max(dim=0).values.tolist()
-    return float(diff / scale if scale > 0 else diff)
+    return abs(float(diff / scale if scale > 0 else diff))  # abs: never -0.0

@@ -1,0 +1,214 @@
+"""Every written value checked before the rename: the output read back from the file system by the strict reader
+of its format (the one every input goes through) and compared with the input it was made from.
+
+* names, shapes, dtypes and spectral records: exactly the plan's (and, in a torch file, the order of the keys
+  and every other entry of the container);
+* a tensor carried over: the same bytes, compared slab by slab;
+* a converted tensor: the written coefficients baked back (``to_spatial``, rounded to the kernel's dtype) against
+  the input kernel. This is the round-trip error the report shows: measured on what was written;
+* a baked tensor: the written kernel against the float64 synthesis of the input's coefficients (its rounding);
+* the other files of a model directory: the same bytes.
+
+An error above :data:`ROUND_TRIP_BOUND` of its dtype, or NaN where the input holds none, is a value that was not
+written as computed. Any difference is a :class:`~spectral_cli.errors.CheckpointError` naming the target, and
+nothing is renamed into place. Memory stays near a few slabs (a torch file is loaded whole, as it was read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..statedict.keys import ITEMSIZE, TensorSpec
+from ..statedict.plan import Plan, Step
+from ..statedict.surgery import Stored, step_input
+from ..transform.slabs import Scratch, relative_error, slab_error, spatial_pieces
+from .formats import MODEL_DIR
+from .sources import Part, Source, open_source
+from .syscalls import SYSCALLS, Syscalls
+
+#: the largest relative error a written tensor may show, per dtype: 64 units of its rounding. Far above what the
+#: transforms lose (a few units, see docs/kernels.md), far below what a wrong byte does
+ROUND_TRIP_BOUND: dict[str, float] = {
+    name: 64 * torch.finfo(getattr(torch, name)).eps for name in ("float16", "bfloat16", "float32", "float64")
+}
+#: bytes of each side compared at once
+_CHUNK = 8 << 20
+
+
+@dataclass
+class Verified:
+    """What was read back: the number of tensors compared, and each transformed tensor's error measured on the
+    written values, by ``(location, source key)``."""
+
+    tensors: int = 0
+    errors: dict[tuple[str, str], float] = field(default_factory=dict)
+
+
+def verify_output(
+    src: Source,
+    written: Path,
+    plans: Sequence[tuple[Part, Plan]],
+    target: Path,
+    scratch: Scratch,
+    *,
+    dropped: Sequence[str] = (),
+    trust_pickle: bool = False,
+    syscalls: Syscalls = SYSCALLS,
+) -> Verified:
+    """Read the output at ``written`` (the finished temporary of ``target``) back and compare it with ``src``,
+    from which it was made by ``plans``; ``dropped``: container entries left out on purpose."""
+    verified = Verified()
+
+    def differs(what: str) -> CheckpointError:
+        return CheckpointError(f"{target}: read back differently from what was written ({what}); not written")
+
+    with contextlib.closing(open_source(written, trust_pickle=trust_pickle, syscalls=syscalls)) as out:
+        for (part, plan), back in _pairs(plans, out.parts, differs):
+            _check_names(part, plan, back, differs)
+            steps = {s.target_key: s for s in plan.steps}
+            for key, spec in back.specs.items():
+                step = steps.get(key)
+                if step is None:
+                    _check_same(part.tensor(key), back.tensor(key), spec, scratch, lambda: differs(key))
+                else:
+                    error = _measured(step, part.tensor(step.source_key), back.tensor(key), scratch)
+                    _check_error(step, error, part.tensor(step.source_key), lambda: differs(f"{key}: {error:.1e}"))
+                    verified.errors[part.where, step.source_key] = error
+                verified.tensors += 1
+        _check_container(getattr(src, "obj", None), getattr(out, "obj", None), plans, dropped, differs)
+        if src.format == MODEL_DIR:
+            _check_files(src.path, written, getattr(src, "others", []), getattr(out, "others", []), differs)
+    return verified
+
+
+def _pairs(plans: Sequence[tuple[Part, Plan]], parts: Sequence[Part], differs: Any) -> list[tuple[Any, Part]]:
+    """Each input state dict with its written one: by location, or the only one with the only one (a state dict of
+    a container written alone, as safetensors)."""
+    if len(plans) == 1 and len(parts) == 1:
+        return [(plans[0], parts[0])]
+    written = {p.location: p for p in parts}
+    if sorted(written) != sorted(part.location for part, _ in plans):
+        raise differs(f"state dicts at {sorted(written)}")
+    return [(planned, written[planned[0].location]) for planned in plans]
+
+
+def _check_names(part: Part, plan: Plan, back: Part, differs: Any) -> None:
+    expected = plan.output_specs(part.specs)
+    if back.specs != expected:
+        wrong = sorted(set(back.specs) ^ set(expected)) or [k for k in expected if back.specs.get(k) != expected[k]]
+        raise differs(f"tensors {wrong[:3]}")
+    if back.records != plan.records:
+        raise differs("its spectral records")
+    if part.values is not None and back.values is not None:  # a torch file keeps its keys in order
+        renamed = {s.source_key: s.target_key for s in plan.steps}
+        if list(back.values) != [renamed.get(k, k) for k in part.values]:
+            raise differs("the order or the set of its keys")
+        for key, value in part.values.items():
+            if key not in part.specs and not _equal(value, back.values.get(key)):
+                raise differs(key)
+
+
+def _check_same(a: Stored, b: Stored, spec: TensorSpec, scratch: Scratch, differs: Any) -> None:
+    """The same bytes (a sparse, nested or meta tensor of a torch file: the same values)."""
+    if spec.kind != "dense" or spec.dtype not in ITEMSIZE:  # quantized: no bytes to view
+        if not _equal(a.whole(), b.whole()):
+            raise differs()
+        return
+    size = spec.nbytes
+    with scratch.rows(min(size, _CHUNK), "verify-a") as x, scratch.rows(min(size, _CHUNK), "verify-b") as y:
+        for offset in range(0, size, _CHUNK):
+            n = min(_CHUNK, size - offset)
+            a.read(offset, x[:n])
+            b.read(offset, y[:n])
+            if not torch.equal(x[:n], y[:n]):
+                raise differs()
+
+
+def _measured(step: Step, source: Stored, written: Stored, scratch: Scratch) -> float:
+    """The error of a transformed tensor, measured on the written values (see the module's docstring)."""
+    ks, basis = step.kernel_size, step.basis
+    slabs = []
+    if step.action == "convert":  # the written coefficients baked back, against the input kernel
+        dtype = getattr(torch, step.dtype)
+        pieces = spatial_pieces(written.read, step.shape_after, getattr(torch, step.out_dtype), ks, basis, dtype,
+                                scratch, measure=False)  # fmt: skip
+        for offset, kernel in pieces:
+            with scratch.rows(kernel.numel() * dtype.itemsize, "verify-a") as raw:
+                expected = raw.view(dtype)
+                source.read(offset, expected)
+                slabs.append(slab_error(kernel, expected.view(kernel.shape)))
+        return relative_error(slabs)
+    source = step_input(step, source)  # bake: the written kernel against the float64 synthesis of the input
+    shape = (2, *step.shape_before) if step.complex_source else step.shape_before
+    out_dtype = getattr(torch, step.out_dtype)
+    pieces = spatial_pieces(source.read, shape, getattr(torch, step.dtype), ks, basis, torch.float64, scratch,
+                            measure=False)  # fmt: skip
+    for offset, reference in pieces:
+        with scratch.rows(reference.numel() * out_dtype.itemsize, "verify-a") as raw:
+            kernel = raw.view(out_dtype)
+            written.read(offset // 8 * out_dtype.itemsize, kernel)
+            slabs.append(slab_error(kernel.view(reference.shape), reference))
+    return relative_error(slabs)
+
+
+def _check_error(step: Step, error: float, source: Stored, differs: Any) -> None:
+    """Within the bound of the kernel's dtype; NaN only from an input that holds NaN or Inf."""
+    dtype = step.dtype if step.action == "convert" else step.out_dtype
+    if math.isnan(error):
+        if bool(torch.isfinite(step_input(step, source).whole()).all()):
+            raise differs()
+    elif error > ROUND_TRIP_BOUND.get(dtype, ROUND_TRIP_BOUND["float16"]):
+        raise differs()
+
+
+def _check_container(
+    obj: Any, back: Any, plans: Sequence[tuple[Part, Plan]], dropped: Sequence[str], differs: Any
+) -> None:
+    """A torch file's container: every entry but its state dicts (checked above) and ``dropped``, as it was."""
+    parts = {part.location for part, _ in plans}
+    if not isinstance(obj, Mapping) or not isinstance(back, Mapping) or () in parts:  # a bare state dict
+        return
+    expected = [k for k in obj if k not in dropped]
+    if list(back) != expected:
+        raise differs("the entries of its container")
+    for key in expected:
+        if not any(loc[:1] == (key,) for loc in parts) and not _equal(obj[key], back[key]):
+            raise differs(f"the container's {key!r}")
+
+
+def _check_files(source: Path, written: Path, files: list[Path], back: list[Path], differs: Any) -> None:
+    """A model directory's other files: all there, with the same bytes."""
+    if sorted(map(str, files)) != sorted(map(str, back)):
+        raise differs(f"the files {sorted(set(map(str, files)) ^ set(map(str, back)))[:3]}")
+    for relative in files:
+        with open(source / relative, "rb") as a, open(written / relative, "rb") as b:
+            while True:
+                x, y = a.read(_CHUNK), b.read(_CHUNK)
+                if x != y:
+                    raise differs(str(relative))
+                if not x:
+                    break
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """The same value, tensors by their values (NaN equal to NaN), containers entry by entry."""
+    if isinstance(a, torch.Tensor):
+        from .torch_file import same
+
+        return same(a, b)
+    if isinstance(a, Mapping):
+        return isinstance(b, Mapping) and list(a) == list(b) and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        return a is b or bool(a == b) or (a != a and b != b)  # NaN floats
+    except Exception:  # values that cannot say (a numpy array's ambiguous truth): not ours to judge
+        return True
