@@ -175,9 +175,8 @@ def file_report_summary(command: str, report: FileReport) -> str:
     errors = [c.max_error for _, c in report.changed]
     worst = _error(max(errors)) if errors and all(math.isfinite(e) for e in errors) else "n/a"
     target = printable(report.target)
-    where = f"wrote {target}" if report.written else f"dry run, would write {target}"
-    verified = f" (verified {report.verified} tensors)" if report.written else ""
-    return f"{verb} {len(report.changed)} layers, skipped {len(report.skipped)}; max error {worst}; {where}{verified}"
+    where = f"verified {report.verified} tensors; wrote {target}" if report.written else f"dry run, would write {target}"
+    return f"{verb} {len(report.changed)} layers, skipped {len(report.skipped)}; max error {worst}; {where}"
 
 
 def _finite_or_none(values: list[float] | None) -> list[float] | None:

@@ -6,7 +6,8 @@ Every input goes the same way, whatever its format::
       -> plan (statedict.plan, from names, specs and records alone)
       -> transform (statedict.surgery.execute: slab by slab, transform.slabs)
       -> sink (files.torch_file: one torch.save; files.safetensors_io / files.shards: streamed)
-      -> output (files.atomic: temporary, sync, check, rename; removed on any failure or signal)
+      -> output (files.atomic: unnamed or hidden, synced; files.verify: read back and compared with the input;
+                renamed into place; removed on any failure or signal)
 
 so a tensor gets the same bits whichever path it takes, and a safetensors output holds the same bytes whichever
 format its input had. Nothing is printed here: progress is reported through a callback.

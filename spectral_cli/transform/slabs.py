@@ -152,7 +152,7 @@ def spectral_pieces(
 ) -> Pieces:
     """``to_spectral`` of the weight of ``shape`` and ``dtype`` read through ``read``: the bits of the whole, in
     bounded memory, and the round-trip error (the stored coefficients baked back against the weight; NaN when
-    not ``measure``\ d: a file writer measures it on what it wrote, :func:`spatial_pieces` of the written
+    not measured: a file writer measures it on what it wrote, :func:`spatial_pieces` of the written
     coefficients against the weight)."""
     taps = math.prod(ks)
     rows = math.prod(shape) // taps
@@ -211,7 +211,7 @@ def spatial_pieces(
 ) -> Pieces:
     """``to_spatial`` of the ``basis`` coefficients of ``shape`` and ``dtype`` read through ``read``, cast to
     ``out_dtype``: the bits of the whole, in bounded memory, and the rounding error (against float64; NaN when
-    not ``measure``\ d)."""
+    not measured)."""
     planes = 2 if basis == "rfft" else 1
     trailing = tuple(shape[len(shape) - len(ks) :])
     rows = math.prod(shape) // (planes * math.prod(trailing))
