@@ -175,7 +175,10 @@ def file_report_summary(command: str, report: FileReport) -> str:
     errors = [c.max_error for _, c in report.changed]
     worst = _error(max(errors)) if errors and all(math.isfinite(e) for e in errors) else "n/a"
     target = printable(report.target)
-    where = f"verified {report.verified} tensors; wrote {target}" if report.written else f"dry run, would write {target}"
+    if report.written:
+        where = f"verified {report.verified} tensors; wrote {target}"
+    else:
+        where = f"dry run, would write {target}"
     return f"{verb} {len(report.changed)} layers, skipped {len(report.skipped)}; max error {worst}; {where}"
 
 

@@ -8,7 +8,8 @@ a power loss) leaves nothing behind. Elsewhere, and for directory outputs (shard
 model directories), the output is a hidden temporary ``.spectral-<16 hex digits>.tmp`` beside the target, locked
 (``flock``) while its writer lives; a small watcher process (:data:`_WATCHER`) removes it if the writer dies
 before the rename, and the next output into the same directory removes any that a watcher could not (both check
-that it is still the temporary this tool made: the name, the owner, no lock, and never a path of the input).
+that it is still the temporary this tool made: the watcher its device and inode; the clearing its name, its mark
+(an extended attribute set when it was made), its owner, no lock, and never a path of the input).
 
 Every write goes through an :class:`OutFile`, so a refused write is reported once, naming the target and the fix
 (:class:`~spectral_cli.errors.OutputError`). :meth:`Output.commit` syncs the data, runs the caller's check on the
@@ -30,10 +31,10 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -93,6 +94,25 @@ def _lock(fd: int, wait: bool = True) -> bool:
     return True
 
 
+#: the extended attribute that marks a named temporary as this tool's (set on creation where the file system takes
+#: user attributes); a stale entry without it is never removed by :func:`clear_stale`, whatever its name
+TEMP_MARK = "user.spectral_cli.temporary"
+
+
+def _mark(fd: int) -> None:
+    try:
+        os.setxattr(fd, TEMP_MARK, b"1")
+    except (OSError, AttributeError):  # no user attributes here: only the watcher will remove this one
+        pass
+
+
+def _marked(fd: int) -> bool:
+    try:
+        return os.getxattr(fd, TEMP_MARK) == b"1"
+    except (OSError, AttributeError):
+        return False
+
+
 def temp_name() -> str:
     """A new temporary's name: ``.spectral-<16 hex digits>.tmp``."""
     return f".spectral-{secrets.token_hex(8)}.tmp"
@@ -113,8 +133,8 @@ def _holds(path: str, inputs: list[str]) -> bool:
 
 def clear_stale(directory: Path, inputs: Iterable[Path] = ()) -> list[Path]:
     """Remove the temporaries in ``directory`` that a killed writer left: entries named as :data:`TEMP_NAME`
-    says, files or directories (not symlinks) owned by this user, that no live writer holds locked and that are
-    not (and do not hold) any of ``inputs``."""
+    says, marked as this tool's (:data:`TEMP_MARK`), files or directories (not symlinks) owned by this user, that
+    no live writer holds locked and that are not (and do not hold) any of ``inputs``."""
     if fcntl is None:
         return []
     keep, removed = [os.path.realpath(p) for p in inputs], []
@@ -131,7 +151,8 @@ def clear_stale(directory: Path, inputs: Iterable[Path] = ()) -> list[Path]:
             continue
         try:
             st = os.fstat(fd)
-            ours = st.st_uid == os.geteuid() and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode))
+            kind_ok = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+            ours = kind_ok and st.st_uid == os.geteuid() and _marked(fd)
             if ours and _lock(fd, wait=False):
                 _remove(Path(entry.path))
                 removed.append(Path(entry.path))
@@ -328,6 +349,8 @@ class Output:
                 self._files.append(OutFile(fd, self.path, self.target, self.syscalls))
                 self._lock_fd = fd
             _lock(self._lock_fd)
+            if not self.unnamed:
+                _mark(self._lock_fd)
         except OSError as e:
             self._close()
             if not self.unnamed:

@@ -56,7 +56,7 @@ from .formats import (
 from .safetensors_io import WRITEBACK_BYTES, file_metadata, refuse_unstorable, verify_header, write_safetensors
 from .sources import Part, Source, open_source
 from .syscalls import SYSCALLS, Syscalls
-from .verify import verify_output
+from .verify import Verified, verify_output
 
 #: ``progress(bytes_done, bytes_total, tensors_done, tensors_total)``, called as a safetensors output is written
 Progress = Callable[[int, int, int, int], None]
@@ -186,17 +186,16 @@ def _transform(action: Action, path: Path, options: Options) -> FileReport:
                     for step in plan.steps:
                         assemble(step, run(part, step))
             else:
-                with Output(sink.target, directory=sink.directory, syscalls=options.io.syscalls, inputs=src.inputs()) as out:
+                io = options.io
+                with Output(sink.target, directory=sink.directory, syscalls=io.syscalls, inputs=src.inputs()) as out:
                     verify = sink.write(out, run, _ticker(options.progress, sink))
 
                     def check(written: Path) -> None:
                         src.check_unchanged()
                         verify(written)
                         verified = verify_output(src, written, plans, sink.target, scratch, dropped=sink.dropped,
-                                                 trust_pickle=options.trust_pickle, syscalls=options.io.syscalls)  # fmt: skip
-                        report.verified = verified.tensors
-                        report.changed = [(where, dataclasses.replace(change, max_error=verified.errors[where,
-                                           change.source_key])) for where, change in report.changed]  # fmt: skip
+                                                 trust_pickle=options.trust_pickle, syscalls=io.syscalls)  # fmt: skip
+                        _measured_on_disk(report, verified)
 
                     out.commit(check)
                 report.written = True
@@ -205,6 +204,15 @@ def _transform(action: Action, path: Path, options: Options) -> FileReport:
     report.changed.sort(key=lambda done: order[done[0], done[1].source_key])  # in the input's order
     _warn_nonfinite(report)
     return report
+
+
+def _measured_on_disk(report: FileReport, verified: Verified) -> None:
+    """The report's errors are those measured on the written output (and it says how many tensors were read back)."""
+    report.verified = verified.tensors
+    report.changed = [
+        (where, dataclasses.replace(change, max_error=verified.errors[where, change.source_key]))
+        for where, change in report.changed
+    ]
 
 
 def _planned(action: Action, path: Path, part: Part, options: Options) -> Plan:

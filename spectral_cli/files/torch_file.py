@@ -209,7 +209,7 @@ def _tensors_of(state_dict: Mapping[str, Any]) -> Callable[[str], MemoryTensor]:
 def _refuse_lazy(path: Path, *named: Iterable[tuple[str, Any]]) -> None:
     """Refuse parameters of a lazy module (``nn.LazyConv2d``) saved before its first forward: they have no shape."""
     for name, value in itertools.chain(*named):
-        if isinstance(value, torch.nn.parameter.UninitializedTensorMixin):
+        if isinstance(value, torch.nn.parameter.UninitializedTensorMixin):  # type: ignore[attr-defined]
             raise CheckpointError(f"{path}: {name} belongs to a lazy module not initialized (it has no shape yet); "
                                   "run one forward pass before saving the model")  # fmt: skip
 

@@ -102,7 +102,8 @@ class InMemory:
 
     def read(self, offset: int, out: torch.Tensor) -> None:
         if self._bytes is None:
-            self._bytes = self.tensor.detach().resolve_conj().resolve_neg().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            plain = self.tensor.detach().resolve_conj().resolve_neg().to("cpu").contiguous()
+            self._bytes = plain.reshape(-1).view(torch.uint8)
         view = out.view(-1).view(torch.uint8)
         view.copy_(self._bytes[offset : offset + view.numel()])
 

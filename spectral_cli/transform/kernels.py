@@ -49,8 +49,9 @@ def why_not_convertible(
     """``None`` if a conv kernel is converted, else why it is left as it is (the reason every listing shows).
 
     A kernel is converted when it is selected (``include``/``exclude``), a dense tensor of a float dtype, has more
-    than one tap (and no zero-size kernel dimension), and is not masked (CompressAI's ``MaskedConv2d`` writes ``weight.data`` in its forward, which a
-    parametrized weight ignores). ``dtype`` is torch's name without ``torch.`` (``"float32"``).
+    than one tap (and no zero-size kernel dimension), and is not masked (CompressAI's ``MaskedConv2d`` writes
+    ``weight.data`` in its forward, which a parametrized weight ignores). ``dtype`` is torch's name without
+    ``torch.`` (``"float32"``).
 
     Example:
         >>> why_not_convertible((3, 3), "float32"), why_not_convertible((1, 1), "float32")
