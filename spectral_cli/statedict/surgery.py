@@ -102,6 +102,8 @@ class InMemory:
 
     def read(self, offset: int, out: torch.Tensor) -> None:
         if self._bytes is None:
+            if self.tensor.is_quantized:  # torch crashes (SIGSEGV) viewing its bytes
+                raise ValueError("a quantized tensor has no bytes to read")
             plain = self.tensor.detach().resolve_conj().resolve_neg().to("cpu").contiguous()
             self._bytes = plain.reshape(-1).view(torch.uint8)
         view = out.view(-1).view(torch.uint8)
