@@ -29,7 +29,7 @@ from ..errors import CheckpointError
 from ..statedict.keys import ITEMSIZE, TensorSpec
 from ..statedict.plan import Plan, Step
 from ..statedict.surgery import Stored, step_input
-from ..transform.slabs import Scratch, relative_error, slab_error, spatial_pieces
+from ..transform.slabs import Pieces, Scratch, relative_error, slab_error, spatial_pieces
 from .formats import MODEL_DIR
 from .sources import Part, Source, open_source
 from .syscalls import SYSCALLS, Syscalls
@@ -66,11 +66,14 @@ def verify_output(
     """Read the output at ``written`` (the finished temporary of ``target``) back and compare it with ``src``,
     from which it was made by ``plans``; ``dropped``: container entries left out on purpose."""
     verified = Verified()
+    scratch.release()  # the writer's buffers: those of this pass have other sizes
 
     def differs(what: str) -> CheckpointError:
         return CheckpointError(f"{target}: read back differently from what was written ({what}); not written")
 
-    with contextlib.closing(open_source(written, trust_pickle=trust_pickle, syscalls=syscalls)) as out:
+    # a bake's float64 reference slabs are 2-4x the writer's: a quarter of its slab size keeps fewer in flight
+    wide = Scratch(max(1, scratch.slab_bytes // 4))
+    with wide, contextlib.closing(open_source(written, trust_pickle=trust_pickle, syscalls=syscalls)) as out:
         for (part, plan), back in _pairs(plans, out.parts, differs):
             _check_names(part, plan, back, differs)
             steps = {s.target_key: s for s in plan.steps}
@@ -80,7 +83,7 @@ def verify_output(
                     if not _same(part.tensor(key), back.tensor(key), spec, scratch):
                         raise differs(key)
                 else:
-                    error = _measured(step, part.tensor(step.source_key), back.tensor(key), scratch)
+                    error = _measured(step, part.tensor(step.source_key), back.tensor(key), scratch, wide)
                     if not _within_bound(step, error, part.tensor(step.source_key)):
                         raise differs(f"{key}: error {error:.1e}")
                     verified.errors[part.where, step.source_key] = error
@@ -134,8 +137,9 @@ def _same(a: Stored, b: Stored, spec: TensorSpec, scratch: Scratch) -> bool:
     return True
 
 
-def _measured(step: Step, source: Stored, written: Stored, scratch: Scratch) -> float:
-    """The error of a transformed tensor, measured on the written values (see the module's docstring)."""
+def _measured(step: Step, source: Stored, written: Stored, scratch: Scratch, wide: Scratch) -> float:
+    """The error of a transformed tensor, measured on the written values (see the module's docstring); ``wide``:
+    the scratch of the float64 slabs."""
     ks, basis = step.kernel_size, step.basis
     slabs = []
     if step.action == "convert":  # the written coefficients baked back, against the input kernel
@@ -151,8 +155,14 @@ def _measured(step: Step, source: Stored, written: Stored, scratch: Scratch) -> 
     source = step_input(step, source)  # bake: the written kernel against the float64 synthesis of the input
     shape = (2, *step.shape_before) if step.complex_source else step.shape_before
     out_dtype = getattr(torch, step.out_dtype)
-    pieces = spatial_pieces(source.read, shape, getattr(torch, step.dtype), ks, basis, torch.float64, scratch,
+    pieces = spatial_pieces(source.read, shape, getattr(torch, step.dtype), ks, basis, torch.float64, wide,
                             measure=False)  # fmt: skip
+    return _against(pieces, written, out_dtype, scratch)
+
+
+def _against(pieces: Pieces, written: Stored, out_dtype: torch.dtype, scratch: Scratch) -> float:
+    """The error of ``written`` (of ``out_dtype``) against the float64 ``pieces`` of its reference."""
+    slabs = []
     for offset, reference in pieces:
         with scratch.rows(reference.numel() * out_dtype.itemsize, "verify-a") as raw:
             kernel = raw.view(out_dtype)

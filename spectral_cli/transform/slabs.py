@@ -67,6 +67,10 @@ class Scratch:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
+    def release(self) -> None:
+        """Drop the buffers kept for reuse (between two passes that use buffers of other sizes)."""
+        self._free.clear()
+
     @contextmanager
     def threads(self) -> Iterator[ThreadPoolExecutor]:
         """``torch.get_num_threads()`` threads, each running torch single-threaded: the slabs run side by side
