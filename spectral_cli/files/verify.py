@@ -29,7 +29,7 @@ from ..errors import CheckpointError
 from ..statedict.keys import ITEMSIZE, TensorSpec
 from ..statedict.plan import Plan, Step
 from ..statedict.surgery import Stored, step_input
-from ..transform.slabs import Pieces, Scratch, relative_error, slab_error, spatial_pieces
+from ..transform.slabs import Scratch, synthesis_error
 from .formats import MODEL_DIR
 from .sources import Part, Source, open_source
 from .syscalls import SYSCALLS, Syscalls
@@ -139,36 +139,14 @@ def _same(a: Stored, b: Stored, spec: TensorSpec, scratch: Scratch) -> bool:
 
 def _measured(step: Step, source: Stored, written: Stored, scratch: Scratch, wide: Scratch) -> float:
     """The error of a transformed tensor, measured on the written values (see the module's docstring); ``wide``:
-    the scratch of the float64 slabs."""
+    the scratch of a bake's float64 slabs."""
     ks, basis = step.kernel_size, step.basis
-    slabs = []
     if step.action == "convert":  # the written coefficients baked back, against the input kernel
-        dtype = getattr(torch, step.dtype)
-        pieces = spatial_pieces(written.read, step.shape_after, getattr(torch, step.out_dtype), ks, basis, dtype,
-                                scratch, measure=False)  # fmt: skip
-        for offset, kernel in pieces:
-            with scratch.rows(kernel.numel() * dtype.itemsize, "verify-a") as raw:
-                expected = raw.view(dtype)
-                source.read(offset, expected)
-                slabs.append(slab_error(kernel, expected.view(kernel.shape)))
-        return relative_error(slabs)
-    source = step_input(step, source)  # bake: the written kernel against the float64 synthesis of the input
+        return synthesis_error(written.read, step.shape_after, getattr(torch, step.out_dtype), ks, basis,
+                               source.read, getattr(torch, step.dtype), scratch, exact=False)  # fmt: skip
     shape = (2, *step.shape_before) if step.complex_source else step.shape_before
-    out_dtype = getattr(torch, step.out_dtype)
-    pieces = spatial_pieces(source.read, shape, getattr(torch, step.dtype), ks, basis, torch.float64, wide,
-                            measure=False)  # fmt: skip
-    return _against(pieces, written, out_dtype, scratch)
-
-
-def _against(pieces: Pieces, written: Stored, out_dtype: torch.dtype, scratch: Scratch) -> float:
-    """The error of ``written`` (of ``out_dtype``) against the float64 ``pieces`` of its reference."""
-    slabs = []
-    for offset, reference in pieces:
-        with scratch.rows(reference.numel() * out_dtype.itemsize, "verify-a") as raw:
-            kernel = raw.view(out_dtype)
-            written.read(offset // 8 * out_dtype.itemsize, kernel)
-            slabs.append(slab_error(kernel.view(reference.shape), reference))
-    return relative_error(slabs)
+    return synthesis_error(step_input(step, source).read, shape, getattr(torch, step.dtype), ks, basis,
+                           written.read, getattr(torch, step.out_dtype), wide, exact=True)  # fmt: skip
 
 
 def _within_bound(step: Step, error: float, source: Stored) -> bool:

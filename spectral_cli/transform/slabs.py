@@ -245,6 +245,51 @@ def spatial_pieces(
     return _relative_error(errors)
 
 
+def synthesis_error(
+    read: Read,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    ks: tuple[int, ...],
+    basis: Basis,
+    kernels: Read,
+    kernel_dtype: torch.dtype,
+    scratch: Scratch,
+    *,
+    exact: bool,
+) -> float:
+    """The relative error between the kernels that the ``basis`` coefficients of ``shape`` and ``dtype`` (read
+    through ``read``) synthesize and the kernels of ``kernel_dtype`` read through ``kernels``, slab by slab on the
+    threads, in bounded memory.
+
+    ``exact=False``, a convert's round trip: the synthesis rounded to ``kernel_dtype`` against the kernels (the
+    input's), relative to the kernels. ``exact=True``, a bake's rounding: the kernels (the written ones) against the
+    synthesis in float64, relative to it.
+    """
+    planes = 2 if basis == "rfft" else 1
+    trailing = tuple(shape[len(shape) - len(ks) :])
+    rows = math.prod(shape) // (planes * math.prod(trailing))
+    if rows == 0:
+        return 0.0
+    row_bytes = math.prod(trailing) * dtype.itemsize  # of one plane
+    kernel_bytes = math.prod(ks) * kernel_dtype.itemsize
+
+    def work(i: int, j: int) -> torch.Tensor:
+        with scratch.rows(planes * (j - i) * row_bytes) as buffer, scratch.rows((j - i) * kernel_bytes, "k") as raw:
+            x = buffer.view(dtype).view(planes, j - i, *trailing)
+            for p in range(planes):  # plane p holds rows p * rows ... (p + 1) * rows of the stored tensor
+                read((p * rows + i) * row_bytes, x[p])
+            x = x if basis == "rfft" else x[0]
+            kernel = raw.view(kernel_dtype)
+            kernels(i * kernel_bytes, kernel)
+            if exact:
+                synthesized = to_spatial(x.to(torch.float64), ks, basis).reshape(-1)
+                return _slab_error(kernel, synthesized)
+            return _slab_error(to_spatial(x, ks, basis).to(kernel_dtype).reshape(-1), kernel)
+
+    bounds = slab_bounds(rows, ks, planes * row_bytes, scratch.slab_bytes)
+    return relative_error([error for _, error in scratch.in_order(bounds, work, planes * row_bytes)])
+
+
 def _round_trip_error(
     scratch: Scratch, coefficients: torch.Tensor, weight: torch.Tensor, ks: tuple[int, ...], basis: Basis
 ) -> torch.Tensor:
@@ -287,13 +332,8 @@ def _slab_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
 _UNMEASURED = torch.tensor([math.nan, 1.0], dtype=torch.float64)
 
 
-def slab_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    """``[max |actual - expected|, max |expected|]`` of one slab, for :func:`relative_error`."""
-    return _slab_error(actual, expected)
-
-
 def relative_error(slabs: Sequence[torch.Tensor]) -> float:
-    """``max diff / max scale`` over the slabs of :func:`slab_error` (NaN when a slab holds NaN or Inf; 0 when
+    """``max diff / max scale`` over the slabs of :func:`_slab_error` (NaN when a slab holds NaN or Inf; 0 when
     there are none)."""
     return _relative_error(slabs) if slabs else 0.0
 
