@@ -37,6 +37,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -403,18 +404,24 @@ class Output:
         os.close(out.fd)
 
     def commit(self, verify: Callable[[Path], Any] | None = None) -> None:
-        """Sync, check (``verify(path)`` of the finished temporary may raise), rename into place, sync the directory."""
+        """Sync and check (``verify(path)`` of the finished temporary may raise) side by side, then rename into
+        place and sync the directory. The check reads what the system holds while the disk takes the last of it
+        (the sync waits for the disk; the check for the processor)."""
         global _committing
-        for out in self._files:
-            if not out.closed:
-                out.sync()
-        if self.directory and self._lock_fd is not None:
-            try:
-                self.syscalls.fsync(self._lock_fd)
-            except OSError as e:
-                raise output_error(self.target, e) from None
-        if verify is not None:
-            verify(self.path)
+        errors: list[BaseException] = []
+        syncing = threading.Thread(target=self._sync, args=(errors,), name="spectral-sync", daemon=True)
+        try:
+            syncing.start()
+        except RuntimeError:  # no thread to be had (address space capped): one after the other
+            self._sync(errors)
+        try:
+            if verify is not None:
+                verify(self.path)
+        finally:
+            if syncing.ident is not None:
+                syncing.join()
+        if errors:
+            raise errors[0]
         _committing = True
         try:
             if self.unnamed:
@@ -440,6 +447,20 @@ class Output:
         except BaseException:
             named.unlink(missing_ok=True)
             raise
+
+    def _sync(self, errors: list[BaseException]) -> None:
+        """Sync every file of the output (and a directory output itself); an error is kept in ``errors``."""
+        try:
+            for out in self._files:
+                if not out.closed:
+                    out.sync()
+            if self.directory and self._lock_fd is not None:
+                try:
+                    self.syscalls.fsync(self._lock_fd)
+                except OSError as e:
+                    raise output_error(self.target, e) from None
+        except BaseException as e:
+            errors.append(e)
 
     def _swap(self) -> None:
         """The staging directory takes the target's name; the older output is removed."""
