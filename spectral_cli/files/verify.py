@@ -30,7 +30,7 @@ from ..statedict.keys import ITEMSIZE, TensorSpec
 from ..statedict.plan import Plan, Step
 from ..statedict.surgery import Stored, step_input
 from ..transform.slabs import Scratch, synthesis_error
-from .formats import MODEL_DIR
+from .formats import INDEX_SUFFIX, MODEL_DIR
 from .sources import Part, Source, open_source
 from .syscalls import SYSCALLS, Syscalls
 
@@ -99,10 +99,18 @@ def _pairs(plans: Sequence[tuple[Part, Plan]], parts: Sequence[Part], differs: A
     a container written alone, as safetensors)."""
     if len(plans) == 1 and len(parts) == 1:
         return [(plans[0], parts[0])]
-    written = {p.location: p for p in parts}
-    if sorted(written) != sorted(part.location for part, _ in plans):
+    written = {_unit(p.location): p for p in parts}
+    if sorted(written) != sorted(_unit(part.location) for part, _ in plans):
         raise differs(f"state dicts at {sorted(written)}")
-    return [(planned, written[planned[0].location]) for planned in plans]
+    return [(planned, written[_unit(planned[0].location)]) for planned in plans]
+
+
+def _unit(location: tuple[str, ...]) -> tuple[str, ...]:
+    """A location with a model directory's unit named by its stem: ``model.safetensors`` written as shards is
+    ``model.safetensors.index.json``."""
+    if not location:
+        return location
+    return (location[0].removesuffix(INDEX_SUFFIX).removesuffix(".safetensors"), *location[1:])
 
 
 def _check_names(part: Part, plan: Plan, back: Part, differs: Any) -> None:

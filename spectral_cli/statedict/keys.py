@@ -56,6 +56,22 @@ def module_name(key: str, suffix: str) -> str:
     return key[: -len(suffix)].removesuffix(".")
 
 
+def module_of(key: str, suffix: str) -> str | None:
+    """The module that ``key`` names ``suffix`` of: ``key`` is ``<module>.<suffix>`` (or ``suffix`` itself, the
+    model's own), else None. Names the other keys of this module can be built from, so that a key such as
+    ``.weight`` (an empty module name) is never taken for ``weight``.
+
+    Example:
+        >>> module_of("enc.0.weight", "weight"), module_of("weight", "weight"), module_of(".weight", "weight")
+        ('enc.0', '', None)
+    """
+    if key == suffix:
+        return ""
+    if key.endswith("." + suffix) and len(key) > len(suffix) + 1:
+        return key[: -len(suffix) - 1]
+    return None
+
+
 def weight_key(name: str) -> str:
     return f"{name}.weight" if name else "weight"
 

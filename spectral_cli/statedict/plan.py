@@ -42,6 +42,7 @@ from .keys import (
     is_conv_kernel_key,
     mask_key,
     module_name,
+    module_of,
     spectral_key,
     weight_key,
 )
@@ -93,6 +94,15 @@ class Plan:
             out[step.target_key if step else key] = TensorSpec(step.shape_after, step.out_dtype) if step else spec
         return out
 
+    def check_unique(self, specs: Mapping[str, TensorSpec]) -> Plan:
+        """This plan, after checking that no two tensors would be written under one name (one would be lost)."""
+        if len(self.output_specs(specs)) != len(specs):
+            names = [s.target_key if s else k for k in specs for s in [{t.source_key: t for t in self.steps}.get(k)]]
+            twice = next(name for name in names if names.count(name) > 1)
+            raise SpectralError(f"{twice}: two tensors would be written under this name, and one lost; rename one, or "
+                                "leave one out with --exclude")  # fmt: skip
+        return self
+
 
 def plan_convert(
     specs: Mapping[str, TensorSpec],
@@ -116,7 +126,9 @@ def plan_convert(
             continue
         if not is_conv_kernel_key(key, spec):
             continue
-        name = module_name(key, "weight")
+        name = module_of(key, "weight")
+        if name is None:  # ".weight": no module name that the spectral key could be built from
+            continue
         target = spectral_key(name)
         ks = tuple(spec.shape[2:])
         masked = specs.get(mask_key(name)) == TensorSpec(spec.shape, spec.dtype)
@@ -130,7 +142,7 @@ def plan_convert(
         step = Step("convert", name, key, target, basis, ks, spec.shape, shape_after, spec.dtype, spec.dtype)
         plan.steps.append(step)
         plan.records[target] = LayerRecord(basis, ks, spec.dtype)
-    return plan
+    return plan.check_unique(specs)
 
 
 def _looks_spectral(key: str, spec: TensorSpec) -> bool:
@@ -152,7 +164,9 @@ def spectral_step(
     if record is not None:
         check_record(key, spec, record)
         after = spatial_shape(spec.shape, record.kernel_size, record.basis)
-        name = module_name(key, SPECTRAL_SUFFIX)
+        name = module_of(key, SPECTRAL_SUFFIX)
+        if name is None:
+            return None
         return Step("bake", name, key, weight_key(name), record.basis, record.kernel_size, spec.shape, after,
                     spec.dtype, record.dtype)  # fmt: skip
     if spec.kind != "dense":
@@ -161,10 +175,12 @@ def spectral_step(
     if complex_source:
         shape = (2, *spec.shape)
         dtype = "float32" if spec.dtype == "complex64" else "float64"
-        name = module_name(key, COMPRESSAI_SUFFIX)
+        name = module_of(key, COMPRESSAI_SUFFIX)
     elif key.endswith(SPECTRAL_SUFFIX) and spec.dtype in CONVERTIBLE_DTYPES and spec.shape[:1] == (2,):
-        shape, dtype, name = spec.shape, spec.dtype, module_name(key, SPECTRAL_SUFFIX)
+        shape, dtype, name = spec.shape, spec.dtype, module_of(key, SPECTRAL_SUFFIX)
     else:
+        return None
+    if name is None:
         return None
     if not 4 <= len(shape) <= 6 or 0 in shape[3:]:  # no kernel in it: carried over as it is
         return None
@@ -201,7 +217,7 @@ def plan_bake(
             raise SpectralError(f"{key} and {step.target_key} are both present: the state dict is half baked")
         plan.steps.append(step)
         plan.records.pop(key, None)
-    return plan
+    return plan.check_unique(specs)
 
 
 @dataclass(frozen=True)

@@ -104,8 +104,10 @@ class InMemory:
         if self._bytes is None:
             if self.tensor.is_quantized:  # torch crashes (SIGSEGV) viewing its bytes
                 raise ValueError("a quantized tensor has no bytes to read")
-            plain = self.tensor.detach().resolve_conj().resolve_neg().to("cpu").contiguous()
-            self._bytes = plain.reshape(-1).view(torch.uint8)
+            plain = self.tensor.detach().resolve_conj().resolve_neg().to("cpu").contiguous().reshape(-1)
+            if plain.numel() == 1 and plain.stride(0) != 1:  # contiguous whatever its stride: view it as such
+                plain = plain.as_strided((1,), (1,))
+            self._bytes = plain.view(torch.uint8)
         view = out.view(-1).view(torch.uint8)
         view.copy_(self._bytes[offset : offset + view.numel()])
 
