@@ -64,6 +64,9 @@ def pytest_configure(config: pytest.Config) -> None:
     }
     settings.register_profile("ci", max_examples=CI_EXAMPLES, **common)  # type: ignore[arg-type]
     settings.register_profile("thorough", max_examples=20 * CI_EXAMPLES, **common)  # type: ignore[arg-type]
+    # the fuzz suite's long run (HYPOTHESIS_PROFILE=long): 500 examples per test; tests/test_fuzz.py sets its own
+    # counts under "ci" only
+    settings.register_profile("long", max_examples=500, **common)  # type: ignore[arg-type]
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
     seed = _hypothesis_seed(config)
     core.global_force_seed = seed  # what --hypothesis-seed does
