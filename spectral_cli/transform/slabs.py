@@ -284,7 +284,11 @@ def synthesis_error(
             if exact:
                 synthesized = to_spatial(x.to(torch.float64), ks, basis).reshape(-1)
                 return _slab_error(kernel, synthesized)
-            return _slab_error(to_spatial(x, ks, basis).to(kernel_dtype).reshape(-1), kernel)
+            # the coefficients as spectral_rows gives them (rfft: each row's real parts, then its imaginary ones),
+            # through the writer's own round-trip check: its products are laid out for speed
+            m = j - i
+            coefficients = x.reshape(2, m, -1).transpose(0, 1).reshape(m, -1) if basis == "rfft" else x.reshape(m, -1)
+            return _round_trip_error(scratch, coefficients, kernel.view(m, -1), ks, basis)
 
     bounds = slab_bounds(rows, ks, planes * row_bytes, scratch.slab_bytes)
     return relative_error([error for _, error in scratch.in_order(bounds, work, planes * row_bytes)])
