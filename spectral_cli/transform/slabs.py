@@ -203,6 +203,26 @@ def spectral_pieces(
     return _relative_error(errors)
 
 
+def _coefficient_layout(shape: tuple[int, ...], ks: tuple[int, ...], basis: Basis) -> tuple[int, tuple[int, ...], int]:
+    """How stored coefficients of ``shape`` lie: planes (rfft: real, imaginary), one row's trailing shape, rows."""
+    planes = 2 if basis == "rfft" else 1
+    trailing = tuple(shape[len(shape) - len(ks) :])
+    return planes, trailing, math.prod(shape) // (planes * math.prod(trailing))
+
+
+def _read_coefficients(
+    read: Read, buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], ks: tuple[int, ...], basis: Basis,
+    i: int, j: int,
+) -> torch.Tensor:  # fmt: skip
+    """Rows ``i:j`` of the stored coefficients into ``buffer``, as ``to_spatial`` takes them."""
+    planes, trailing, rows = _coefficient_layout(shape, ks, basis)
+    row_bytes = math.prod(trailing) * dtype.itemsize
+    x = buffer.view(dtype).view(planes, j - i, *trailing)
+    for p in range(planes):  # plane p holds rows p * rows ... (p + 1) * rows of the stored tensor
+        read((p * rows + i) * row_bytes, x[p])
+    return x if basis == "rfft" else x[0]
+
+
 def spatial_pieces(
     read: Read,
     shape: tuple[int, ...],
@@ -216,9 +236,7 @@ def spatial_pieces(
     """``to_spatial`` of the ``basis`` coefficients of ``shape`` and ``dtype`` read through ``read``, cast to
     ``out_dtype``: the bits of the whole, in bounded memory, and the rounding error (against float64; NaN when
     not measured)."""
-    planes = 2 if basis == "rfft" else 1
-    trailing = tuple(shape[len(shape) - len(ks) :])
-    rows = math.prod(shape) // (planes * math.prod(trailing))
+    planes, trailing, rows = _coefficient_layout(shape, ks, basis)
     if rows == 0:
         return 0.0
     row_bytes = math.prod(trailing) * dtype.itemsize  # of one plane
@@ -226,10 +244,7 @@ def spatial_pieces(
 
     def work(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         with scratch.rows(planes * (j - i) * row_bytes) as buffer:
-            x = buffer.view(dtype).view(planes, j - i, *trailing)
-            for p in range(planes):  # plane p holds rows p * rows ... (p + 1) * rows of the stored tensor
-                read((p * rows + i) * row_bytes, x[p])
-            x = x if basis == "rfft" else x[0]
+            x = _read_coefficients(read, buffer, dtype, shape, ks, basis, i, j)
             if out_dtype == torch.float64:  # asked for float64: computed in it (the reference of a bake's rounding)
                 x = x.to(torch.float64)
             weight = to_spatial(x, ks, basis).to(out_dtype)
@@ -265,9 +280,7 @@ def synthesis_error(
     input's), relative to the kernels. ``exact=True``, a bake's rounding: the kernels (the written ones) against the
     synthesis in float64, relative to it.
     """
-    planes = 2 if basis == "rfft" else 1
-    trailing = tuple(shape[len(shape) - len(ks) :])
-    rows = math.prod(shape) // (planes * math.prod(trailing))
+    planes, trailing, rows = _coefficient_layout(shape, ks, basis)
     if rows == 0:
         return 0.0
     row_bytes = math.prod(trailing) * dtype.itemsize  # of one plane
@@ -275,10 +288,7 @@ def synthesis_error(
 
     def work(i: int, j: int) -> torch.Tensor:
         with scratch.rows(planes * (j - i) * row_bytes) as buffer, scratch.rows((j - i) * kernel_bytes, "k") as raw:
-            x = buffer.view(dtype).view(planes, j - i, *trailing)
-            for p in range(planes):  # plane p holds rows p * rows ... (p + 1) * rows of the stored tensor
-                read((p * rows + i) * row_bytes, x[p])
-            x = x if basis == "rfft" else x[0]
+            x = _read_coefficients(read, buffer, dtype, shape, ks, basis, i, j)
             kernel = raw.view(kernel_dtype)
             kernels(i * kernel_bytes, kernel)
             if exact:
