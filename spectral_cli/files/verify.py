@@ -72,7 +72,7 @@ def verify_output(
         return CheckpointError(f"{target}: read back differently from what was written ({what}); not written")
 
     # a bake's float64 reference slabs are 2-4x the writer's: a quarter of its slab size keeps fewer in flight
-    wide = Scratch(max(1, scratch.slab_bytes // 4))
+    wide = Scratch(max(1, scratch.slab_bytes // 4), scratch.workers)
     with wide, contextlib.closing(open_source(written, trust_pickle=trust_pickle, syscalls=syscalls)) as out:
         for (part, plan), back in _pairs(plans, out.parts, differs):
             _check_names(part, plan, back, differs)

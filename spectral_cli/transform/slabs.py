@@ -47,20 +47,30 @@ _T = TypeVar("_T")
 class Scratch:
     """Threads and slab buffers reused from tensor to tensor while streaming a file (fresh memory costs page
     faults: measured 10x the time of filling memory already touched; threads of their own keep malloc arenas).
-    ``close()`` (or the end of a ``with`` block) stops the threads.
+
+    ``workers``: the threads (default ``torch.get_num_threads()``). Inside a ``with`` block the calling thread runs
+    torch single-threaded too (restored at its end): its operations between slabs are small, and each one that
+    torch would split wakes an OpenMP team whose threads then spin for milliseconds (measured: a 21x2 ``max``
+    every 5 ms kept a second core busy). ``close()`` (or the end of the block) stops the threads.
     """
 
-    def __init__(self, slab_bytes: int = SLAB_BYTES) -> None:
+    def __init__(self, slab_bytes: int = SLAB_BYTES, workers: int | None = None) -> None:
         self.slab_bytes = slab_bytes
         self._free: dict[str, queue.SimpleQueue[torch.Tensor]] = {}
         self._pool: ThreadPoolExecutor | None = None
-        self.workers = 1
+        self.workers = max(1, torch.get_num_threads() if workers is None else workers)
+        self._caller_threads: list[int] = []
 
     def __enter__(self) -> Scratch:
+        self._caller_threads.append(torch.get_num_threads())
+        torch.set_num_threads(1)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            torch.set_num_threads(self._caller_threads.pop())
 
     def close(self) -> None:
         if self._pool is not None:
@@ -73,14 +83,13 @@ class Scratch:
 
     @contextmanager
     def threads(self) -> Iterator[ThreadPoolExecutor]:
-        """``torch.get_num_threads()`` threads, each running torch single-threaded: the slabs run side by side
-        instead of splitting each small operation (measured: faster, and far less hurt by other processes on
-        the machine). torch's thread count is 1 inside the block and restored after it, also on errors."""
+        """:attr:`workers` threads, each running torch single-threaded: the slabs run side by side instead of
+        splitting each small operation (measured: faster, and far less hurt by other processes on the machine).
+        torch's thread count is 1 inside the block and restored after it, also on errors."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             if self._pool is None:
-                self.workers = max(1, threads)
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="spectral")
             yield self._pool
         finally:
@@ -190,7 +199,7 @@ def spectral_pieces(
                     pieces = [stored.view(m, width)]
                     pieces[0].copy_(coefficients[:m])
                     rounded = pieces[0]
-                error = _round_trip_error(scratch, rounded, weight[:m], ks, basis) if measure else _UNMEASURED
+                error = _round_trip_error(scratch, [rounded], weight[:m], ks, basis) if measure else _UNMEASURED
         return pieces, error, lease
 
     errors = []
@@ -294,34 +303,46 @@ def synthesis_error(
             if exact:
                 synthesized = to_spatial(x.to(torch.float64), ks, basis).reshape(-1)
                 return _slab_error(kernel, synthesized)
-            # the coefficients as spectral_rows gives them (rfft: each row's real parts, then its imaginary ones),
-            # through the writer's own round-trip check: its products are laid out for speed
+            # through the writer's own round-trip check (its products are laid out for speed), the planes as the
+            # column blocks of the rows spectral_rows gives (rfft: each row's real parts, then its imaginary ones)
             m = j - i
-            coefficients = x.reshape(2, m, -1).transpose(0, 1).reshape(m, -1) if basis == "rfft" else x.reshape(m, -1)
-            return _round_trip_error(scratch, coefficients, kernel.view(m, -1), ks, basis)
+            blocks = [x[p].reshape(m, -1) for p in range(planes)] if basis == "rfft" else [x.reshape(m, -1)]
+            return _round_trip_error(scratch, blocks, kernel.view(m, -1), ks, basis)
 
     bounds = slab_bounds(rows, ks, planes * row_bytes, scratch.slab_bytes)
     return relative_error([error for _, error in scratch.in_order(bounds, work, planes * row_bytes)])
 
 
 def _round_trip_error(
-    scratch: Scratch, coefficients: torch.Tensor, weight: torch.Tensor, ks: tuple[int, ...], basis: Basis
+    scratch: Scratch,
+    coefficients: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    ks: tuple[int, ...],
+    basis: Basis,
 ) -> torch.Tensor:
-    """:func:`_slab_error` of the kernels synthesized from ``coefficients`` (rows as ``spectral_rows`` gives
-    them, the stored numbers) against ``weight`` (one flattened kernel per row), without new memory for
-    float32 and float64."""
+    """:func:`_slab_error` of the kernels synthesized from ``coefficients`` (the stored numbers: rows as
+    ``spectral_rows`` gives them, in column blocks side by side, such as the planes of a file) against ``weight``
+    (one flattened kernel per row), without new memory for float32 and float64."""
     dtype, cdtype = weight.dtype, compute_dtype(weight.dtype)
-    c = coefficients.to(cdtype)
+    blocks = [block.to(cdtype) for block in coefficients]
     m, taps = weight.shape
     with scratch.rows(m * taps * cdtype.itemsize, "back") as raw:
         back = raw.view(cdtype)
         synthesis = row_matrices(basis, ks, cdtype).synthesis if transform_method(ks) == "dense" else None
         if synthesis is None:
+            c = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
             back, expected = back.view(m, taps).copy_(synthesis_rows(c, ks, basis)), weight
-        elif taps < 16:  # narrow products are slow row by row (measured: 2x for 3x3); transposed they are wide
-            back, expected = torch.mm(synthesis.T, c.T, out=back.view(taps, m)), weight.T
-        else:
-            back, expected = torch.mm(c, synthesis, out=back.view(m, taps)), weight
+        else:  # a product per block, summed: the blocks are not copied side by side
+            rows = itertools.accumulate((block.shape[1] for block in blocks), initial=0)
+            parts = [(synthesis[a:b], block) for (a, b), block in zip(itertools.pairwise(rows), blocks, strict=True)]
+            if taps < 16:  # narrow products are slow row by row (measured: 2x for 3x3); transposed they are wide
+                back, expected = back.view(taps, m), weight.T
+                for k, (s, block) in enumerate(parts):
+                    torch.mm(s.T, block.T, out=back) if k == 0 else back.addmm_(s.T, block.T)
+            else:
+                back, expected = back.view(m, taps), weight
+                for k, (s, block) in enumerate(parts):
+                    torch.mm(block, s, out=back) if k == 0 else back.addmm_(block, s)
         if dtype != cdtype:  # compare what to_spatial would give: rounded to the stored dtype
             back = back.to(dtype).to(cdtype)
         diff = torch.aminmax(back.sub_(expected) if dtype == cdtype else back - expected.to(cdtype))
