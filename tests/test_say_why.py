@@ -194,3 +194,54 @@ def test_float8_kernels_are_named_with_the_cast_that_converts_them(tmp_path: Pat
     result = spectral("convert", tmp_path / "bf16.safetensors", "--json")
     assert result.exit_code == 0, result.stderr
     assert [layer["name"] for layer in parse_json(result.stdout)["layers"]] == ["conv0", "conv1"]
+
+
+# ---- peft adapters ---------------------------------------------------------------------------------------------
+
+
+class Base(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.conv(x)))
+
+
+def _adapter(tmp_path: Path) -> tuple[nn.Module, Path]:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = Base()
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["conv", "out"],
+                                                      init_lora_weights=False))  # fmt: skip
+    model.save_pretrained(str(tmp_path / "adapter"))
+    return model.eval(), tmp_path / "adapter"
+
+
+def test_a_peft_adapter_is_refused_with_the_fix_and_the_merged_model_converts(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    model, adapter = _adapter(tmp_path)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
+    loose = tmp_path / "loose.safetensors"  # the adapter's tensors away from their config: known by their keys
+    loose.write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    before = listing(tmp_path), listing(adapter)
+    for source in (adapter / "adapter_model.safetensors", adapter, loose):
+        result = spectral("convert", source)
+        assert result.exit_code == 5, result.output
+        line = one_line(result.stderr)
+        assert "peft" in line and "adapter" in line and "merge_and_unload()" in line, line
+        assert (listing(tmp_path), listing(adapter)) == before
+
+    # the fix: merge the adapter into the base model and convert that; it loads and runs as the adapted model
+    base = Base()
+    base.load_state_dict(torch.load(tmp_path / "base.pt", weights_only=True))
+    merged = peft.PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    torch.save(merged.state_dict(), tmp_path / "merged.pt")
+    result = spectral("convert", tmp_path / "merged.pt", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert [layer["name"] for layer in parse_json(result.stdout)["layers"]] == ["conv", "out"]
+    fresh = Base()
+    load_spectral(fresh, tmp_path / "merged.spectral.pt")
+    assert_same_outputs(fresh, model, torch.randn(2, 3, 8, 8))

@@ -52,6 +52,7 @@ from .formats import (
     check_output,
     default_output,
     output_format,
+    refuse_adapter,
 )
 from .safetensors_io import WRITEBACK_BYTES, file_metadata, refuse_unstorable, verify_header, write_safetensors
 from .sources import Part, Source, open_source
@@ -116,6 +117,7 @@ def convert_file(source: Path | str, options: Options | None = None) -> FileRepo
     """Convert a checkpoint's conv kernels to spectral tensors and write the result next to it (or to
     ``options.output``). Raises :class:`~spectral_cli.errors.NothingToDoError` if there are none; a file already
     converted gives a report with ``message`` and writes nothing."""
+    refuse_adapter(Path(source))
     report = _transform("convert", Path(source), options or Options())
     report.warnings += skip_fixes(skip for _, skip in report.skipped)
     if not report.changed:

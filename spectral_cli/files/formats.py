@@ -144,6 +144,22 @@ def default_output(source: Path, tag: str, fmt: str) -> Path:
     return source.with_name(f"{stem}.{tag}{suffix}")
 
 
+#: what peft's ``save_pretrained`` writes beside an adapter's weights (``adapter_model.safetensors``)
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def refuse_adapter(path: Path) -> None:
+    """Refuse a peft adapter, known by the ``adapter_config.json`` that peft writes beside its weights (a directory
+    holding one, or its ``adapter_model.*`` file); whatever its method (LoRA, IA3, ...): a spectral adapter cannot be
+    loaded. Adapters renamed or moved away from their config are still refused by their LoRA keys when planned."""
+    from ..statedict.plan import ADAPTER_FIX
+
+    config = path / ADAPTER_CONFIG if path.is_dir() else path.parent / ADAPTER_CONFIG
+    if (path.is_dir() or path.name.startswith("adapter_model")) and config.is_file():
+        raise RefusedError(f"{path}: is a peft adapter ({config.name} beside its weights); {ADAPTER_FIX}; nothing "
+                           "was written")  # fmt: skip
+
+
 def name_max(directory: Path) -> int:
     """The longest file name ``directory`` takes, in bytes (255 where the system does not say)."""
     try:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..errors import AmbiguousKernelSizeError, SpectralError
+from ..errors import AmbiguousKernelSizeError, RefusedError, SpectralError
 from ..transform.kernels import (
     CONVERTIBLE_DTYPES,
     DEFAULT_BASIS,
@@ -133,6 +133,27 @@ def skip_fixes(skipped: Iterable[Skipped]) -> list[str]:
     return lines
 
 
+#: peft's LoRA tensors (``<module>.lora_A.weight``, ``<module>.lora_A.<adapter>.weight``, DoRA's magnitude)
+_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+ADAPTER_FIX = (
+    "peft loads an adapter onto a plain base model, which cannot take spectral tensors (PeftModel.from_pretrained "
+    "would keep random weights in their place); convert the base model's checkpoint, or merge the adapter first "
+    "(model = PeftModel.from_pretrained(base, ADAPTER).merge_and_unload(), then model.save_pretrained(DIR) or "
+    "torch.save(model.state_dict(), FILE)) and convert the merged model"
+)
+
+
+def adapter_key(keys: Iterable[str]) -> str | None:
+    """The first key that names a peft LoRA tensor (an adapter, or a model with one attached), else None.
+
+    Example:
+        >>> adapter_key(["base_model.model.conv.lora_A.weight"]), adapter_key(["conv.weight"])
+        ('base_model.model.conv.lora_A.weight', None)
+    """
+    parts = set(_ADAPTER_PARTS)
+    return next((key for key in keys if "lora_" in key and not parts.isdisjoint(key.split("."))), None)
+
+
 def _parametrized(key: str, spec: TensorSpec, specs: Mapping[str, TensorSpec]) -> tuple[str, str] | None:
     """``(module, reason)`` when ``key`` holds the kernel of a conv whose weight the checkpoint stores as parts that
     only the model combines (a parametrization, an old-style hook, a pruning mask); ``None`` otherwise, and for
@@ -205,10 +226,14 @@ def plan_convert(
     """Every conv kernel ``<mod>.weight`` (float, rank 3 to 5, more than one tap) to its spectral key.
 
     Kernels stored as something else than a plain weight (a parametrization's originals, an old-style hook's or a
-    pruning's parts) are skipped with the reason and the fix.
+    pruning's parts) are skipped with the reason and the fix. A peft adapter is refused
+    (:class:`~spectral_cli.errors.RefusedError`): a spectral adapter cannot be loaded.
     """
     basis = check_basis(basis)
     inc, exc = glob_patterns(include, "include"), glob_patterns(exclude, "exclude")
+    lora = adapter_key(specs)
+    if lora is not None:
+        raise RefusedError(f"{lora}: this is a peft LoRA adapter (or a model with one attached); {ADAPTER_FIX}")
     plan = Plan(records=dict(records or {}))
     for key, spec in specs.items():
         if key.endswith(SPECTRAL_SUFFIX) and key in plan.records:
