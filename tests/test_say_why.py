@@ -10,6 +10,10 @@ container is rebuilt here with a module class of this file, which is what its pi
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -194,6 +198,68 @@ def test_float8_kernels_are_named_with_the_cast_that_converts_them(tmp_path: Pat
     result = spectral("convert", tmp_path / "bf16.safetensors", "--json")
     assert result.exit_code == 0, result.stderr
     assert [layer["name"] for layer in parse_json(result.stdout)["layers"]] == ["conv0", "conv1"]
+
+
+# ---- a container of pickled modules (ultralytics' layout) --------------------------------------------------------
+
+
+class Detector(nn.Module):
+    """Stands for ultralytics' DetectionModel: unpickling it leaves a mark (the proof that the pickle ran)."""
+
+    def __init__(self, mark: str) -> None:
+        super().__init__()
+        self.mark = mark
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.stem(x)))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        Path(state["mark"]).touch()
+        super().__setstate__(state)
+
+
+def _ultralytics_like(tmp_path: Path) -> tuple[Path, Path, Detector]:
+    mark = tmp_path / "unpickled"
+    torch.manual_seed(0)
+    model = Detector(str(mark)).eval()
+    ckpt = {"date": "2026-12-03", "version": "8.3.0", "epoch": -1, "best_fitness": None, "model": model,
+            "ema": Detector(str(mark)), "updates": 0, "optimizer": None, "train_args": {"imgsz": 64}}  # fmt: skip
+    source = tmp_path / "best.pt"
+    torch.save(ckpt, source)
+    return source, mark, model
+
+
+@pytest.mark.parametrize("trust", [False, True], ids=["untrusted", "trusted"])
+def test_a_container_of_pickled_modules_is_refused_before_unpickling_with_the_recipe(
+    tmp_path: Path, trust: bool
+) -> None:
+    source, mark, model = _ultralytics_like(tmp_path)
+    before = listing(tmp_path)
+    for command in ("convert", "inspect"):
+        result = spectral(command, source, *(["--trust-pickle"] if trust else []))
+        assert result.exit_code == 3, result.output
+        line = one_line(result.stderr)
+        assert f"'model' ({__name__}.Detector), 'ema' ({__name__}.Detector)" in line, line
+        assert "python -c" in line and ".state_dict()" in line, line
+        assert not mark.exists(), "the pickle ran"
+        assert listing(tmp_path) == before
+
+    # the recipe, run as printed (by someone who trusts the file), saves a state dict that converts and runs equal
+    recipe = re.search(r'python -c "([^"]+)"', result.stderr)
+    assert recipe is not None, result.stderr
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", recipe[1]], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    saved = tmp_path / "best.model.state_dict.pt"
+    assert saved.is_file()
+    result = spectral("convert", saved, "-o", tmp_path / "spectral.pt", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert [layer["name"] for layer in parse_json(result.stdout)["layers"]] == ["stem", "head"]
+    fresh = Detector(str(tmp_path / "unused"))
+    load_spectral(fresh, tmp_path / "spectral.pt")
+    assert_same_outputs(fresh, model, torch.randn(1, 3, 8, 8))
 
 
 # ---- peft adapters ---------------------------------------------------------------------------------------------
