@@ -10,6 +10,7 @@ container is rebuilt here with a module class of this file, which is what its pi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -311,3 +312,57 @@ def test_a_peft_adapter_is_refused_with_the_fix_and_the_merged_model_converts(tm
     fresh = Base()
     load_spectral(fresh, tmp_path / "merged.spectral.pt")
     assert_same_outputs(fresh, model, torch.randn(2, 3, 8, 8))
+
+
+# ---- inputs inside a Hugging Face hub cache ---------------------------------------------------------------------
+
+
+def _hub_cache(root: Path, files: dict[str, bytes]) -> Path:
+    """A hub cache laid out as huggingface_hub lays it out: blobs by hash, a snapshot of symlinks, refs/main."""
+    repo = root / "models--org--tiny-net"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
+
+
+def _revisions(cache: Path) -> tuple[int, list[str]]:
+    from huggingface_hub import scan_cache_dir
+
+    info = scan_cache_dir(cache)
+    return sum(len(repo.revisions) for repo in info.repos), [str(w) for w in info.warnings]
+
+
+def test_an_input_inside_a_hub_cache_is_written_to_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file({"conv.weight": torch.randn(8, 3, 3, 3), "conv.bias": torch.zeros(8)}, str(weights))
+    cache = tmp_path / "hub"
+    snapshot = _hub_cache(cache, {"model.safetensors": weights.read_bytes(), "config.json": b"{}"})
+    assert _revisions(cache) == (1, [])
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+
+    result = spectral("convert", snapshot / "model.safetensors")
+    assert result.exit_code == 0, result.output
+    target = work / "tiny-net.model.spectral.safetensors"
+    assert f"wrote {target}" in " ".join(result.stdout.split()), result.stdout  # absolute: says where it went
+    assert set(read(target)) == {"conv.parametrizations.weight.original", "conv.bias"}
+
+    result = spectral("convert", snapshot)  # the snapshot as a model directory
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (work / "tiny-net.spectral").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in work.iterdir()) == ["tiny-net.model.spectral.safetensors", "tiny-net.spectral"]
+    assert _revisions(cache) == (1, [])  # nothing was added to the cache
+    assert sorted(p.name for p in snapshot.parent.iterdir()) == [snapshot.name]
