@@ -263,6 +263,20 @@ def test_a_container_of_pickled_modules_is_refused_before_unpickling_with_the_re
     assert_same_outputs(fresh, model, torch.randn(1, 3, 8, 8))
 
 
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_pickled_modules_are_found_in_any_pickle_protocol_and_any_container(tmp_path: Path, protocol: int) -> None:
+    """Protocol 4 and 5 name classes with STACK_GLOBAL and memoize with MEMOIZE; modules may sit in lists."""
+    mark = tmp_path / "unpickled"
+    torch.save({"epoch": 3, "models": [Detector(str(mark)), Detector(str(mark))], "state_dict": None},
+               tmp_path / "list.pt", pickle_protocol=protocol)  # fmt: skip
+    result = spectral("convert", tmp_path / "list.pt", "--trust-pickle")
+    assert result.exit_code == 3, result.output
+    line = one_line(result.stderr)
+    assert f"'models/0' ({__name__}.Detector), 'models/1' ({__name__}.Detector)" in line, line
+    assert "torch.save(c['models'][0].state_dict()" in line, line
+    assert not mark.exists(), "the pickle ran"
+
+
 # ---- peft adapters ---------------------------------------------------------------------------------------------
 
 

@@ -159,8 +159,9 @@ def _check_torch_version() -> None:
 
 # ---- looking into a pickle without running it ----------------------------------------------------------------
 
-#: the largest pickle read by :func:`pickled_modules` (torch keeps tensor data out of it: a few MB for big models)
-MAX_SCANNED_PICKLE = 256 * 2**20
+#: the largest pickle read by :func:`pickled_modules` (torch keeps tensor data out of it: a few MB for big models;
+#: each opcode read becomes a Python object, so a larger one could take GBs of memory)
+MAX_SCANNED_PICKLE = 64 * 2**20
 
 
 class _Global(str):
