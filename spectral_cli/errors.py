@@ -21,7 +21,7 @@ EXIT_CODES: dict[str, str] = {
     "contents, changed while being read, not a checkpoint",
     "4": "kernel size cannot be read from a record-less spectral tensor: pass `--kernel-size`",
     "5": "refused: output exists (`--force`), output is or holds the input, pickled code (`--trust-pickle`), "
-    "TorchScript, values the output format cannot hold",
+    "TorchScript, values the output format cannot hold, a peft adapter",
     "6": "nothing to do: no convertible conv kernels / no spectral tensors",
     "128+N": "stopped by signal N (130: Ctrl-C, 143: SIGTERM, 129: SIGHUP); temporary files are removed",
 }

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from ..errors import NothingToDoError, RefusedError, SpectralError, in_file
 from ..statedict.keys import TensorSpec
-from ..statedict.plan import Plan, Skipped, Step, plan_bake, plan_convert
+from ..statedict.plan import Plan, Skipped, Step, plan_bake, plan_convert, skip_fixes
 from ..statedict.records import METADATA_KEY
 from ..statedict.surgery import Changes, LayerChange, assemble, execute, with_records
 from ..transform.kernels import DEFAULT_BASIS
@@ -52,6 +52,7 @@ from .formats import (
     check_output,
     default_output,
     output_format,
+    refuse_adapter,
 )
 from .safetensors_io import WRITEBACK_BYTES, file_metadata, refuse_unstorable, verify_header, write_safetensors
 from .sources import Part, Source, open_source
@@ -116,7 +117,9 @@ def convert_file(source: Path | str, options: Options | None = None) -> FileRepo
     """Convert a checkpoint's conv kernels to spectral tensors and write the result next to it (or to
     ``options.output``). Raises :class:`~spectral_cli.errors.NothingToDoError` if there are none; a file already
     converted gives a report with ``message`` and writes nothing."""
+    refuse_adapter(Path(source))
     report = _transform("convert", Path(source), options or Options())
+    report.warnings += skip_fixes(skip for _, skip in report.skipped)
     if not report.changed:
         already = [s for _, s in report.skipped if s.reason == "already spectral"]
         if already:
@@ -458,11 +461,18 @@ def _ticker(progress: Progress | None, sink: Sink) -> Tick:
 
 
 def _skip_summary(report: FileReport) -> str:
-    """``"; skipped: 1x1 kernel (3), excluded (1)"``: why the tensors that looked like kernels were left."""
-    reasons = Counter(s.reason for _, s in report.skipped)
+    """``"; skipped: 1x1 kernel (3), excluded (1)"``: why the tensors that looked like kernels were left, then how
+    to convert those that can be (``"; to convert the pruned (weight_orig, weight_mask) ones, make ..."``)."""
+    reasons = Counter((s.reason, s.fix) for _, s in report.skipped)
     if not reasons:
         return ""
-    return "; skipped: " + ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common())
+    by_fix: dict[str, list[str]] = {}
+    for reason, fix in reasons:
+        if fix:
+            by_fix.setdefault(fix, []).append(reason)
+    said = ", ".join(f"{reason} ({n})" for (reason, _), n in reasons.most_common())
+    fixes = "".join(f"; to convert the {' and '.join(kinds)} ones, {fix}" for fix, kinds in by_fix.items())
+    return f"; skipped: {said}{fixes}"
 
 
 def _warn_nonfinite(report: FileReport) -> None:

@@ -126,15 +126,45 @@ def output_format(path: Path, input_format: str) -> str:
     return TORCH if input_format == TORCH_LEGACY else input_format
 
 
+def hub_cache_name(source: Path) -> str | None:
+    """The name of an output for an input inside a Hugging Face hub cache
+    (``.../models--org--name/snapshots/<revision>/[path]``): ``name`` and the path in the snapshot, joined by dots;
+    None for an input outside one. Beside the input, an output would sit in the cache, where ``huggingface_hub``
+    takes it for a revision (a damaged one, if a file).
+
+    Example:
+        >>> hub_cache_name(Path("/c/hub/models--org--tiny-net/snapshots/0a1b/unet/model.safetensors"))
+        'tiny-net.unet.model.safetensors'
+        >>> hub_cache_name(Path("/c/hub/models--org--tiny-net/snapshots/0a1b")), hub_cache_name(Path("m.pt"))
+        ('tiny-net', None)
+    """
+    for path in dict.fromkeys((Path(os.path.abspath(source)), Path(os.path.realpath(source)))):
+        parts = path.parts
+        for i in range(len(parts) - 2):
+            repo, snapshots = parts[i], parts[i + 1]
+            if snapshots == "snapshots" and repo.startswith(("models--", "datasets--", "spaces--")):
+                name = repo.split("--")[-1] or repo
+                return ".".join((name, *parts[i + 3 :]))
+    return None
+
+
 def default_output(source: Path, tag: str, fmt: str) -> Path:
     """``model.pt`` -> ``model.<tag>.pt``, ``shards/`` -> ``shards.<tag>/`` (an earlier tag is replaced); ``.``,
-    ``./`` or an index file given by its bare name are named from the directory they stand for."""
+    ``./`` or an index file given by its bare name are named from the directory they stand for. An input inside a
+    Hugging Face hub cache is named after its repository (:func:`hub_cache_name`), in the current directory (an
+    absolute path, so that the report says where it went)."""
     if fmt in (SHARDED, DCP, MODEL_DIR):
         base = source if source.is_dir() else source.parent
+        cached = hub_cache_name(base)
+        if cached is not None:
+            return Path(os.path.abspath(f"{cached}.{tag}"))
         if base.name in ("", ".", ".."):
             base = Path(os.path.abspath(base))
         name = base.name.removesuffix(".spectral").removesuffix(".baked")
         return base.with_name(f"{name}.{tag}")
+    cached = hub_cache_name(source)
+    if cached is not None:
+        source = Path(os.path.abspath(cached))
     stem = source.stem
     for old in (".spectral", ".baked"):
         stem = stem.removesuffix(old)
@@ -142,6 +172,22 @@ def default_output(source: Path, tag: str, fmt: str) -> Path:
     if fmt != SAFETENSORS and suffix == ".safetensors":
         suffix = ".pt"
     return source.with_name(f"{stem}.{tag}{suffix}")
+
+
+#: what peft's ``save_pretrained`` writes beside an adapter's weights (``adapter_model.safetensors``)
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def refuse_adapter(path: Path) -> None:
+    """Refuse a peft adapter, known by the ``adapter_config.json`` that peft writes beside its weights (a directory
+    holding one, or its ``adapter_model.*`` file); whatever its method (LoRA, IA3, ...): a spectral adapter cannot be
+    loaded. Adapters renamed or moved away from their config are still refused by their LoRA keys when planned."""
+    from ..statedict.plan import ADAPTER_FIX
+
+    config = path / ADAPTER_CONFIG if path.is_dir() else path.parent / ADAPTER_CONFIG
+    if (path.is_dir() or path.name.startswith("adapter_model")) and config.is_file():
+        raise RefusedError(f"{path}: is a peft adapter ({config.name} beside its weights); {ADAPTER_FIX}; nothing "
+                           "was written")  # fmt: skip
 
 
 def name_max(directory: Path) -> int:

@@ -157,8 +157,223 @@ def _check_torch_version() -> None:
         )
 
 
+# ---- looking into a pickle without running it ----------------------------------------------------------------
+
+#: the largest pickle read by :func:`pickled_modules` (torch keeps tensor data out of it: a few MB for big models;
+#: each opcode read becomes a Python object, so a larger one could take GBs of memory)
+MAX_SCANNED_PICKLE = 64 * 2**20
+
+
+class _Global(str):
+    """A class or function a pickle names (``module.name``), as opposed to a string it holds."""
+
+
+class _Object:
+    """What a pickle builds by calling something: the class (or function) called, its state and items."""
+
+    def __init__(self, cls: Any) -> None:
+        self.cls: Any = cls
+        self.state: Any = None
+        self.items: list[Any] = []
+
+    def class_name(self) -> str:
+        return str(self.cls) if isinstance(self.cls, _Global) else "?"
+
+
+class _Container:
+    """A dict (its ``items``: key-value pairs), list, tuple or set as a pickle builds it."""
+
+    def __init__(self, items: list[Any] | None = None, mapping: bool = False) -> None:
+        self.items: list[Any] = items if items is not None else []
+        self.mapping = mapping
+
+
+_CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
+_EMPTY = {"EMPTY_DICT": True, "EMPTY_LIST": False, "EMPTY_TUPLE": False, "EMPTY_SET": False}
+
+
+def _simulate(data: bytes) -> Any:
+    """The object a pickle builds, with every call replaced by an :class:`_Object` naming what it calls: the
+    opcodes are read (:func:`pickletools.genops`), nothing is imported or run."""
+    import pickletools
+
+    stack: list[Any] = []
+    marks: list[int] = []  # where each open MARK is on the stack
+    memo: dict[Any, Any] = {}
+
+    def pop_mark() -> list[Any]:
+        start = marks.pop()
+        items = stack[start:]
+        del stack[start:]
+        return items
+
+    def pairs(items: list[Any]) -> list[tuple[Any, Any]]:
+        return list(zip(items[::2], items[1::2], strict=False))
+
+    for opcode, arg, _ in pickletools.genops(data):
+        op = opcode.name
+        if op in ("PROTO", "FRAME", "NEXT_BUFFER", "READONLY_BUFFER"):
+            continue
+        if op == "STOP":
+            break
+        if op == "MARK":
+            marks.append(len(stack))
+        elif op == "POP":
+            stack.pop()
+        elif op == "POP_MARK":
+            pop_mark()
+        elif op == "DUP":
+            stack.append(stack[-1])
+        elif op in _CONSTANTS:
+            stack.append(_CONSTANTS[op])
+        elif op in _EMPTY:
+            stack.append(_Container(mapping=_EMPTY[op]))
+        elif op == "DICT":
+            stack.append(_Container(pairs(pop_mark()), mapping=True))
+        elif op in ("LIST", "TUPLE", "FROZENSET"):
+            stack.append(_Container(pop_mark()))
+        elif op in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            n = int(op[-1])
+            items, stack[-n:] = stack[-n:], []
+            stack.append(_Container(items))
+        elif op == "APPEND":
+            value = stack.pop()
+            if isinstance(stack[-1], _Container):
+                stack[-1].items.append(value)
+        elif op in ("APPENDS", "ADDITEMS"):
+            items = pop_mark()
+            if isinstance(stack[-1], _Container):
+                stack[-1].items.extend(items)
+        elif op in ("SETITEM", "SETITEMS"):
+            items = [stack.pop(-2), stack.pop()] if op == "SETITEM" else pop_mark()
+            if isinstance(stack[-1], _Container | _Object):  # an OrderedDict is a called class given items
+                stack[-1].items.extend(pairs(items))
+        elif op in ("GLOBAL", "INST"):
+            name = _Global(".".join(str(arg).split(" ", 1)))
+            if op == "INST":
+                pop_mark()
+            stack.append(name if op == "GLOBAL" else _Object(name))
+        elif op == "STACK_GLOBAL":
+            name = stack.pop()
+            stack.append(_Global(f"{stack.pop()}.{name}"))
+        elif op == "OBJ":
+            items = pop_mark()
+            stack.append(_Object(items[0] if items else None))
+        elif op in ("REDUCE", "NEWOBJ"):
+            args = stack.pop()
+            called = stack.pop()
+            if called in ("copyreg._reconstructor", "copyreg.__newobj__") and isinstance(args, _Container):
+                called = args.items[0] if args.items else None
+            stack.append(_Object(called))
+        elif op == "NEWOBJ_EX":
+            del stack[-2:]
+            stack.append(_Object(stack.pop()))
+        elif op == "BUILD":
+            state = stack.pop()
+            if isinstance(stack[-1], _Object):
+                stack[-1].state = state
+        elif op in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = stack[-1]
+        elif op == "MEMOIZE":
+            memo[len(memo)] = stack[-1]
+        elif op in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo[arg])
+        elif op == "BINPERSID":
+            stack[-1] = _Object("persistent")
+        elif op in ("PERSID", "EXT1", "EXT2", "EXT4"):
+            stack.append(_Object("persistent"))
+        elif opcode.arg is not None:  # a number, a string, bytes
+            stack.append(arg)
+        else:
+            raise ValueError(f"unexpected opcode {op}")
+    return stack[-1] if stack else None
+
+
+def _is_module(node: Any) -> bool:
+    """An ``nn.Module``, known by the ``__dict__`` it pickles: its ``_parameters`` and ``_modules``."""
+    if not isinstance(node, _Object) or not isinstance(node.state, _Container):
+        return False
+    keys = {k for k, _ in node.state.items if isinstance(k, str)} if node.state.mapping else set()
+    return {"_parameters", "_modules"} <= keys
+
+
+def _modules_in(root: Any, limit: int = 10_000) -> list[tuple[tuple[Any, ...], str]]:
+    """``(location, class)`` of every module in the container ``root`` (not those inside another module)."""
+    found: list[tuple[tuple[Any, ...], str]] = []
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(root, ())]
+    seen: set[int] = set()
+    while stack and len(seen) < limit:
+        node, loc = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if _is_module(node):
+            found.append((loc, node.class_name()))
+        elif isinstance(node, _Container):
+            if node.mapping:
+                stack.extend((v, (*loc, k)) for k, v in reversed(node.items) if isinstance(k, str | int))
+            else:
+                stack.extend((v, (*loc, i)) for i, v in reversed(list(enumerate(node.items))))
+    return found
+
+
+def _holds_a_mapping_of_weights(root: Any) -> bool:
+    """Whether the container has a mapping under one of :data:`STATE_DICT_KEYS` (what :func:`find_state_dicts`
+    looks at), the pickle's way: a dict, or a called ``OrderedDict``."""
+
+    def mapping(node: Any) -> bool:
+        return (isinstance(node, _Container) and node.mapping) or (
+            isinstance(node, _Object) and node.cls == "collections.OrderedDict"
+        )
+
+    def entries(node: Any) -> dict[str, Any]:
+        items = node.items if mapping(node) else []
+        return {k: v for k, v in items if isinstance(k, str)}
+
+    top = entries(root)
+    return any(mapping(top.get(k)) or any(mapping(entries(top.get(k)).get(i)) for i in STATE_DICT_KEYS)
+               for k in STATE_DICT_KEYS)  # fmt: skip
+
+
+def pickled_modules(path: Path) -> list[tuple[tuple[Any, ...], str]]:
+    """Where a torch.save file's container holds pickled ``nn.Module`` objects and no state dict: ``(location,
+    class)`` of each, found from the pickle's opcodes without running it; empty for anything else (a state dict, a
+    container with one, a module saved whole, a pickle this cannot follow)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [i for i in archive.infolist() if i.filename.endswith("data.pkl") and i.filename.count("/") <= 1]
+            if len(pickles) != 1 or pickles[0].file_size > MAX_SCANNED_PICKLE:
+                return []
+            root = _simulate(archive.read(pickles[0]))
+    except Exception:  # a pickle this cannot follow: torch.load says what is wrong with it
+        return []
+    if _is_module(root) or _holds_a_mapping_of_weights(root):
+        return []
+    return _modules_in(root)
+
+
+def _modules_error(path: Path, modules: list[tuple[tuple[Any, ...], str]]) -> CheckpointError:
+    """The refusal of a container of pickled modules: where they are, and the one line that saves a state dict."""
+    listed = ", ".join(f"{'/'.join(map(str, loc))!r} ({cls})" for loc, cls in modules[:4])
+    more = f" and {len(modules) - 4} more" if len(modules) > 4 else ""
+    loc = next((loc for loc, _ in modules if loc[:1] == ("model",)), modules[0][0])
+    entry = "".join(f"[{k!r}]" for k in loc)
+    saved = path.with_name(f"{path.stem}.{'.'.join(map(str, loc))}.state_dict.pt")
+    command = (f"import torch; c = torch.load({str(path)!r}, weights_only=False); "
+               f"torch.save(c{entry}.state_dict(), {str(saved)!r})")  # fmt: skip
+    return CheckpointError(
+        f"{path}: holds pickled nn.Module objects, not state dicts: {listed}{more}; loading them runs the file's "
+        f'code, and --trust-pickle would find no state dict either. If you trust this file, save one: python -c "'
+        f'{command}" (with the code that defines {modules[0][1].rsplit(".", 1)[-1]} installed), then convert that'
+    )
+
+
 def load(path: Path, fmt: str, trust_pickle: bool) -> Any:
-    """``torch.load`` to the CPU, weights only unless ``trust_pickle``; every failure one line, with the fix."""
+    """``torch.load`` to the CPU, weights only unless ``trust_pickle``; every failure one line, with the fix.
+
+    A container of pickled modules and no state dict (ultralytics' ``{"model": DetectionModel, "ema": ...}``) is
+    refused before anything is unpickled, trusted or not, with where the modules are and how to save a state dict.
+    """
     try:
         with zipfile.ZipFile(path) if fmt == TORCH else contextlib.nullcontext() as archive:
             names = archive.namelist() if archive is not None else []
@@ -169,6 +384,9 @@ def load(path: Path, fmt: str, trust_pickle: bool) -> Any:
             f"{path}: is a TorchScript archive, which runs code when loaded; "
             "save model.state_dict() with torch.save and convert that"
         )
+    modules = pickled_modules(path) if trust_pickle and fmt == TORCH else []  # untrusted: looked at if refused
+    if modules:
+        raise _modules_error(path, modules)
     if not trust_pickle:
         _check_torch_version()
     try:
@@ -189,6 +407,9 @@ def load(path: Path, fmt: str, trust_pickle: bool) -> Any:
         name = _unsupported_global(str(e))
         if name is None or trust_pickle:
             raise CheckpointError(f"{path}: is damaged or not a torch checkpoint ({first_line(e)})") from None
+        modules = pickled_modules(path) if fmt == TORCH else []
+        if modules:  # --trust-pickle would not help
+            raise _modules_error(path, modules) from None
         raise RefusedError(
             f"{path}: holds pickled Python objects ({name}) whose loading runs code; "
             "if you trust this file, rerun with --trust-pickle"

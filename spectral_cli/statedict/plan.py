@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..errors import AmbiguousKernelSizeError, SpectralError
+from ..errors import AmbiguousKernelSizeError, RefusedError, SpectralError
 from ..transform.kernels import (
     CONVERTIBLE_DTYPES,
     DEFAULT_BASIS,
@@ -71,10 +71,121 @@ class Step:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A tensor left as it was, and why (``"1x1 kernel"``, ``"excluded"``, ``"already spectral"`` ...)."""
+    """A tensor left as it was, and why (``"1x1 kernel"``, ``"excluded"``, ``"already spectral"`` ...); ``fix``
+    says how to make it convertible where the user may want it converted (``""`` where nothing is to be done)."""
 
     key: str
     reason: str
+    fix: str = ""
+
+
+#: how to convert a kernel under a parametrization or a pruning hook: the checkpoint stores its parts, which only
+#: the model combines into the weight
+_REMOVE_PARAMETRIZATION = 'torch.nn.utils.parametrize.remove_parametrizations(module, "weight")'
+
+
+def _on_the_model(how: str) -> str:
+    return (f"{how} on the model for each, then save model.state_dict() and convert that, or call "
+            "register_spectral_parametrization(model) after it")  # fmt: skip
+
+
+#: reason (its start) -> fix, for the conv kernels that are not converted as they are but could be
+FIXES = {
+    "weight_norm parametrization": _on_the_model(f"remove it ({_REMOVE_PARAMETRIZATION})"),
+    "spectral_norm parametrization": _on_the_model(f"remove it ({_REMOVE_PARAMETRIZATION})"),
+    "another parametrization": _on_the_model(f"remove it ({_REMOVE_PARAMETRIZATION})"),
+    "old-style weight_norm hook": _on_the_model("remove it (torch.nn.utils.remove_weight_norm(module))"),
+    "old-style spectral_norm hook": _on_the_model("remove it (torch.nn.utils.remove_spectral_norm(module))"),
+    "pruned": _on_the_model('make the pruning permanent (torch.nn.utils.prune.remove(module, "weight"))'),
+    "float8": "cast the checkpoint's float8 tensors to bfloat16 (or float16, float32) and convert that",
+}
+
+
+def fix_of(reason: str) -> str:
+    """The fix of a skip reason, ``""`` for those that need none (``"1x1 kernel"``, ``"excluded"`` ...).
+
+    Example:
+        >>> fix_of("float8 (float8_e5m2)")
+        "cast the checkpoint's float8 tensors to bfloat16 (or float16, float32) and convert that"
+        >>> fix_of("1x1 kernel")
+        ''
+    """
+    return next((fix for kind, fix in FIXES.items() if reason.startswith(kind)), "")
+
+
+def skip_fixes(skipped: Iterable[Skipped]) -> list[str]:
+    """One line per fix, for the skipped kernels that have one, in the order they first appear.
+
+    Example:
+        >>> skip_fixes([Skipped("a.weight", "float8 (float8_e5m2)", "cast"), Skipped("b.weight", "1x1 kernel")])
+        ['1 layer skipped (float8 (float8_e5m2)): to convert it, cast']
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for skip in skipped:
+        if skip.fix:
+            reasons = counts.setdefault(skip.fix, {})
+            reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
+    lines = []
+    for fix, reasons in counts.items():
+        n = sum(reasons.values())
+        lines.append(f"{n} {'layer' if n == 1 else 'layers'} skipped ({', '.join(reasons)}): to convert "
+                     f"{'it' if n == 1 else 'them'}, {fix}")  # fmt: skip
+    return lines
+
+
+#: peft's LoRA tensors (``<module>.lora_A.weight``, ``<module>.lora_A.<adapter>.weight``, DoRA's magnitude)
+_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+ADAPTER_FIX = (
+    "peft loads an adapter onto a plain base model, which cannot take spectral tensors (PeftModel.from_pretrained "
+    "would keep random weights in their place); convert the base model's checkpoint, or merge the adapter first "
+    "(model = PeftModel.from_pretrained(base, ADAPTER).merge_and_unload(), then model.save_pretrained(DIR) or "
+    "torch.save(model.state_dict(), FILE)) and convert the merged model"
+)
+
+
+def adapter_key(keys: Iterable[str]) -> str | None:
+    """The first key that names a peft LoRA tensor (an adapter, or a model with one attached), else None.
+
+    Example:
+        >>> adapter_key(["base_model.model.conv.lora_A.weight"]), adapter_key(["conv.weight"])
+        ('base_model.model.conv.lora_A.weight', None)
+    """
+    parts = set(_ADAPTER_PARTS)
+    return next((key for key in keys if "lora_" in key and not parts.isdisjoint(key.split("."))), None)
+
+
+def _parametrized(key: str, spec: TensorSpec, specs: Mapping[str, TensorSpec]) -> tuple[str, str] | None:
+    """``(module, reason)`` when ``key`` holds the kernel of a conv whose weight the checkpoint stores as parts that
+    only the model combines (a parametrization, an old-style hook, a pruning mask); ``None`` otherwise, and for
+    the other parts (a weight_norm magnitude), so that each such layer is listed once, by its kernel."""
+    if not 3 <= len(spec.shape) <= 5 or key.endswith(".weight") or key == "weight":  # a plain weight: the most
+        return None
+    original = "parametrizations.weight.original"
+    stem, found, index = key.rpartition(original)
+    if found and index.isdigit() and (stem == "" or (stem.endswith(".") and stem != ".")):  # ...original<N>
+        originals = {i: specs[k] for i in range(max(10, int(index) + 1)) if (k := f"{stem}{original}{i}") in specs}
+        kernels = [i for i, o in originals.items() if 3 <= len(o.shape) <= 5]
+        if int(index) != max(kernels, key=lambda i: originals[i].numel):  # listed once, by its largest kernel
+            return None
+        if sorted(originals) == [0, 1] and index == "1" and originals[0].numel < spec.numel:
+            return stem.removesuffix("."), "weight_norm parametrization"
+        return stem.removesuffix("."), "another parametrization"
+    if key.endswith(original) and (name := module_of(key, original)) is not None:
+        if _sibling(name, "parametrizations.weight.0._u") in specs:
+            return name, "spectral_norm parametrization"
+        return name, "another parametrization"
+    if (name := module_of(key, "weight_v")) is not None and _sibling(name, "weight_g") in specs:
+        return name, "old-style weight_norm hook (weight_g, weight_v)"
+    if (name := module_of(key, "weight_orig")) is not None:
+        if _sibling(name, "weight_mask") in specs:
+            return name, "pruned (weight_orig, weight_mask)"
+        if _sibling(name, "weight_u") in specs:
+            return name, "old-style spectral_norm hook (weight_orig)"
+    return None
+
+
+def _sibling(name: str, leaf: str) -> str:
+    return f"{name}.{leaf}" if name else leaf
 
 
 @dataclass
@@ -112,9 +223,17 @@ def plan_convert(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
 ) -> Plan:
-    """Every conv kernel ``<mod>.weight`` (float, rank 3 to 5, more than one tap) to its spectral key."""
+    """Every conv kernel ``<mod>.weight`` (float, rank 3 to 5, more than one tap) to its spectral key.
+
+    Kernels stored as something else than a plain weight (a parametrization's originals, an old-style hook's or a
+    pruning's parts) are skipped with the reason and the fix. A peft adapter is refused
+    (:class:`~spectral_cli.errors.RefusedError`): a spectral adapter cannot be loaded.
+    """
     basis = check_basis(basis)
     inc, exc = glob_patterns(include, "include"), glob_patterns(exclude, "exclude")
+    lora = adapter_key(specs)
+    if lora is not None:
+        raise RefusedError(f"{lora}: this is a peft LoRA adapter (or a model with one attached); {ADAPTER_FIX}")
     plan = Plan(records=dict(records or {}))
     for key, spec in specs.items():
         if key.endswith(SPECTRAL_SUFFIX) and key in plan.records:
@@ -123,6 +242,13 @@ def plan_convert(
             continue
         if key.endswith((SPECTRAL_SUFFIX, COMPRESSAI_SUFFIX)) and _looks_spectral(key, spec):
             plan.skipped.append(Skipped(key, "already spectral"))
+            continue
+        parametrized = _parametrized(key, spec, specs)
+        if parametrized is not None:
+            owner, stored_as = parametrized
+            chosen = selected(owner, inc, exc)
+            why = why_not_convertible(tuple(spec.shape[2:]), spec.dtype, kind=spec.kind, selected=chosen) or stored_as
+            plan.skipped.append(Skipped(key, why, fix_of(why)))
             continue
         if not is_conv_kernel_key(key, spec):
             continue
@@ -134,7 +260,7 @@ def plan_convert(
         masked = specs.get(mask_key(name)) == TensorSpec(spec.shape, spec.dtype)
         reason = why_not_convertible(ks, spec.dtype, kind=spec.kind, masked=masked, selected=selected(name, inc, exc))
         if reason is not None:
-            plan.skipped.append(Skipped(key, reason))
+            plan.skipped.append(Skipped(key, reason, fix_of(reason)))
             continue
         if target in specs:
             raise SpectralError(f"{key} and {target} are both present: the state dict is half converted")
@@ -225,9 +351,11 @@ class LayerInfo:
     """One layer as ``describe`` sees it.
 
     ``domain`` is ``"spectral"``, ``"spatial"`` (a convertible conv kernel), ``"weight_norm"`` (the
-    parametrization, or the old-style hook's ``weight_g``/``weight_v``), ``"spectral_norm"`` (the old-style hook's
-    ``weight_orig``) or ``"parametrized"`` (another or unknown parametrization). ``inferred`` marks a spectral
-    layer whose kernel size was read from its shape (no record): a square kernel, the only consistent guess.
+    parametrization, or the old-style hook's ``weight_g``/``weight_v``), ``"spectral_norm"`` (the parametrization,
+    or the old-style hook's ``weight_orig``) or ``"parametrized"`` (another or unknown parametrization). A conv
+    under weight_norm is listed by its direction (``original1``, ``weight_v``: the kernel's shape), not its
+    magnitude. ``inferred`` marks a spectral layer whose kernel size was read from its shape (no record): a square
+    kernel, the only consistent guess.
     """
 
     name: str
@@ -258,18 +386,18 @@ def describe(
         if step is not None:
             layers.append(LayerInfo(step.name, key, "spectral", step.basis, step.kernel_size, spec.shape, spec.dtype,
                                     step.inferred))  # fmt: skip
-        elif key.endswith("weight_g") and f"{key[:-1]}v" in specs and is_conv_kernel_key(key[:-2], spec):
-            name = module_name(key, "weight_g")
-            layers.append(LayerInfo(name, key, "weight_norm", None, None, spec.shape, spec.dtype))
-        elif key.endswith("weight_orig") and f"{key[:-4]}u" in specs and is_conv_kernel_key(key[:-5], spec):
-            name = module_name(key, "weight_orig")
-            layers.append(LayerInfo(name, key, "spectral_norm", None, None, spec.shape, spec.dtype))
-        elif key.endswith(SPECTRAL_SUFFIX + "0") and key[:-1] + "1" in specs:
-            name = module_name(key, SPECTRAL_SUFFIX + "0")
-            layers.append(LayerInfo(name, key, "weight_norm", None, None, spec.shape, spec.dtype))
-        elif ".parametrizations." in f".{key}" and key.rsplit(".", 1)[-1] in ("original", "original0"):
-            name = key[: key.rfind("parametrizations.")].removesuffix(".")
-            layers.append(LayerInfo(name, key, "parametrized", None, None, spec.shape, spec.dtype))
+        elif (found := _parametrized(key, spec, specs)) is not None:
+            name, reason = found
+            domain = next((d for d in ("weight_norm", "spectral_norm") if d in reason), "parametrized")
+            if not reason.startswith("pruned"):
+                layers.append(LayerInfo(name, key, domain, None, tuple(spec.shape[2:]), spec.shape, spec.dtype))
+        elif ".parametrizations." in f".{key}" and not 3 <= len(spec.shape) <= 5:  # not a kernel's: a linear's...
+            leaf = key.rsplit(".", 1)[-1]
+            weight_norm = leaf in ("original0", "original1") and all(f"{key[:-1]}{i}" in specs for i in "01")
+            if leaf in (("original1",) if weight_norm else ("original", "original0")):  # once, by its direction
+                name = key[: key.rfind("parametrizations.")].removesuffix(".")
+                domain = "weight_norm" if weight_norm else "parametrized"
+                layers.append(LayerInfo(name, key, domain, None, None, spec.shape, spec.dtype))
         elif include_spatial and is_conv_kernel_key(key, spec):
             name, ks = module_name(key, "weight"), tuple(spec.shape[2:])
             masked = specs.get(mask_key(name)) == TensorSpec(spec.shape, spec.dtype)

@@ -58,11 +58,15 @@ def why_not_convertible(
         (None, '1x1 kernel')
         >>> why_not_convertible((3, 3), "int8"), why_not_convertible((3, 3), "float32", kind="sparse_coo")
         ('not float (int8)', 'not a dense tensor (sparse_coo)')
+        >>> why_not_convertible((3, 3), "float8_e4m3fn")
+        'float8 (float8_e4m3fn)'
     """
     if not selected:
         return "excluded"
     if kind != "dense":
         return f"not a dense tensor ({kind})"
+    if dtype.startswith("float8"):  # a float, but not one torch computes in: named apart, as a cast fixes it
+        return f"float8 ({dtype})"
     if dtype not in CONVERTIBLE_DTYPES:
         return f"not float ({dtype})"
     if math.prod(kernel_size) == 0:
