@@ -607,3 +607,23 @@ def test_an_integer_tensor_recorded_as_spectral_is_a_damaged_file_named_in_the_e
     line = one_line(result.stderr)
     assert str(path) in line, line
     assert listing(tmp_path) == ["int_record.safetensors"]
+
+
+# ---- a trusted container that holds a module beside its state dict ----------------------------------------------
+
+
+def test_a_trusted_container_with_a_module_beside_its_state_dict_converts_and_carries_the_module(
+    tmp_path: Path,
+) -> None:
+    """The verification compares a carried module by its class and its state (a module's == is identity: every
+    such container was refused as read back differently)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    path, out = tmp_path / "mixed.pt", tmp_path / "mixed.spectral.pt"
+    torch.save({"state_dict": model.state_dict(), "module": model, "epoch": 3}, path)
+    result = spectral("convert", path, "-o", out, "--trust-pickle")
+    assert result.exit_code == 0, result.stderr
+    back = torch.load(out, weights_only=False)
+    assert list(back) == ["state_dict", "module", "epoch"] and back["epoch"] == 3
+    assert type(back["module"]) is nn.Sequential
+    assert_equal_tensors(back["module"].state_dict(), model.state_dict())
+    assert_equal_tensors(back["state_dict"], convert_state_dict(model.state_dict()).state_dict)

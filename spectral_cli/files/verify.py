@@ -204,6 +204,10 @@ def _equal(a: Any, b: Any) -> bool:
         return isinstance(b, Mapping) and list(a) == list(b) and all(_equal(a[k], b[k]) for k in a)
     if isinstance(a, list | tuple):
         return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.nn.Module):  # a trusted pickle's module: equal by its class and its state
+        return type(a) is type(b) and _equal(a.state_dict(), b.state_dict())
+    if type(a).__eq__ is object.__eq__ and hasattr(a, "__dict__"):  # identity is all == says: compare attributes
+        return type(a) is type(b) and hasattr(b, "__dict__") and _equal(vars(a), vars(b))
     try:
         return a is b or bool(a == b) or (a != a and b != b)  # NaN floats
     except Exception:  # values that cannot say (a numpy array's ambiguous truth): not ours to judge
