@@ -179,11 +179,22 @@ def _print_report(command: str, report: FileReport, as_json: bool, dry_run: bool
 InputArg = Annotated[
     Path,
     typer.Argument(
-        help="Checkpoint: torch.save file (.pt/.pth/.bin/.ckpt), .safetensors, or a directory of safetensors shards."
+        metavar="IN",
+        help="The checkpoint: a torch.save file (.pt/.pth/.bin/.ckpt, a zip archive or a legacy pickle stream), a "
+        ".safetensors file, a directory of safetensors shards, a model directory (save_pretrained: weight files "
+        "and config.json, diffusers pipelines too) or a distributed checkpoint (torch.distributed.checkpoint).",
+        show_default=False,
     ),
 ]
 OutputOpt = Annotated[
-    Path | None, typer.Option("-o", "--output", help="Output file (default: next to the input).", show_default=False)
+    Path | None,
+    typer.Option(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="Output file or directory (default: next to the input).",
+        show_default=False,
+    ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of a table.")]
@@ -199,7 +210,11 @@ QuietOpt = Annotated[
 ]
 ShardOpt = Annotated[
     str | None,
-    typer.Option("--max-shard-size", help="Write safetensors shards of at most this size (e.g. 2GB) and an index."),
+    typer.Option(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="Write safetensors shards of at most this size (e.g. 2GB) and an index.",
+    ),
 ]
 TrustOpt = Annotated[
     bool,
@@ -214,10 +229,12 @@ def convert(
     output: OutputOpt = None,
     basis: Annotated[str, typer.Option("--basis", metavar="[rfft|rdft]", help="Spectral basis.")] = "rfft",
     include: Annotated[
-        list[str] | None, typer.Option("--include", help="Only layers whose name matches this glob (repeatable).")
+        list[str] | None,
+        typer.Option("--include", metavar="GLOB", help="Only layers whose name matches this glob (repeatable)."),
     ] = None,
     exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", help="Skip layers whose name matches this glob (repeatable).")
+        list[str] | None,
+        typer.Option("--exclude", metavar="GLOB", help="Skip layers whose name matches this glob (repeatable)."),
     ] = None,
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
@@ -243,7 +260,9 @@ def bake(
     output: OutputOpt = None,
     kernel_size: Annotated[
         str | None,
-        typer.Option("--kernel-size", help="Kernel size for spectral tensors without a record, e.g. 3x5."),
+        typer.Option(
+            "--kernel-size", metavar="KHxKW", help="Kernel size for spectral tensors without a record, e.g. 3x5."
+        ),
     ] = None,
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
@@ -288,8 +307,9 @@ def inspect(
         Path | None,
         typer.Option(
             "--plot",
-            help="Also draw each layer's energy per frequency band into this PNG (needs "
-            "matplotlib: pip install 'spectral-cli[plot]'; an existing file is replaced).",
+            metavar="FILE.png",
+            help="Also draw each layer's energy per frequency band into this PNG (an existing file is replaced; "
+            "needs matplotlib: pip install matplotlib).",
             show_default=False,
         ),
     ] = None,

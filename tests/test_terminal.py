@@ -1,5 +1,5 @@
 """The command line in every terminal, pipe, locale and size: tables laid out for the width (golden files), any
-``COLUMNS``, a reader that goes away, ASCII and latin-1 stdout, ``-q``, and tables of 100,000 layers.
+``COLUMNS``, a reader that goes away, ASCII and latin-1 stdout, ``-q``, ``--help``, and tables of 100,000 layers.
 
 Golden files are in ``tests/golden/``; ``SPECTRAL_UPDATE_GOLDEN=1 python -m pytest tests/test_terminal.py``
 rewrites them (read the diff before committing it).
@@ -152,7 +152,7 @@ def test_any_columns_value_gives_output_and_errors(samples: Path, columns: str) 
     bad = spectral("convert", samples / "balle.pt", "--basis", "fft", env={"COLUMNS": columns})
     assert (bad.exit_code, bad.stderr) == (2, "error: --basis 'fft': use one of rfft, rdft\n")
     usage = spectral("convert", env={"COLUMNS": columns})
-    assert usage.exit_code == 2 and "Missing argument" in usage.stderr, usage.stderr
+    assert usage.exit_code == 2 and "Missing argument 'IN'" in usage.stderr, usage.stderr
 
 
 # ---- pipes ---------------------------------------------------------------------------------------------------
@@ -312,6 +312,46 @@ def test_quiet_prints_only_the_summary(samples: Path) -> None:
     result = spectral("convert", samples / "missing.pt", "-q")
     assert (result.exit_code, result.stdout) == (3, "")
     assert result.stderr.startswith("error: ")
+
+
+# ---- --help ----------------------------------------------------------------------------------------------------
+
+#: each input format the README's "Formats" section names -> how every command's help names it
+FORMATS = {
+    "`torch.save` zip archives": "torch.save file",
+    "legacy pickle-stream torch files": "legacy pickle stream",
+    "safetensors files": ".safetensors file",
+    "directories of Hugging Face-style shards": "directory of safetensors shards",
+    "model directories": "model directory",
+    "distributed checkpoints": "distributed checkpoint",
+}
+
+
+def _readme_formats() -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Formats") :]
+    inputs = re.search(r"\*\*Inputs\*\*, [^:]*: (.+?)\. ", section, re.S)
+    assert inputs, "README: Formats lists no Inputs"
+    listed = re.sub(r"\s*\([^)]*\)", "", " ".join(inputs[1].split()))
+    return [item.strip().removeprefix("and ") for item in listed.split(",")]
+
+
+@pytest.mark.parametrize("command", ["convert", "bake", "inspect"])
+def test_help_is_current(command: str) -> None:
+    """Every format the README lists is named by the help; flags show no value; -q is described as it is."""
+    assert sorted(_readme_formats()) == sorted(FORMATS)
+    result = spectral(command, "--help", env={"COLUMNS": "0"})
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    for name, said in FORMATS.items():
+        assert said in text, (name, said)
+    assert "<bool>" not in text and "<str>" not in text and "list[str]" not in text and "{input}" not in text
+    assert f"Usage: spectral {command} [OPTIONS] {{IN}}" in text  # Typer's braces: required
+    for flag in ("--json", "--trust-pickle", "-q, --quiet"):
+        assert re.search(rf"(^|\n)  {flag}  ", result.stdout), flag  # a flag: nothing between it and its help
+    assert "-q, --quiet Print only the summary line" in text
+    if command == "inspect":
+        assert "--plot FILE.png Also draw" in text and "needs matplotlib: pip install matplotlib)" in text
 
 
 # ---- long tables -----------------------------------------------------------------------------------------------
