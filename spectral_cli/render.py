@@ -443,6 +443,8 @@ def inspect_lines(report: InspectReport, width: int, g: Glyphs = UNICODE) -> lis
         lines.append(Row(tuple(cells)))
     lines += _more(hidden, g)
     title = f"{printable(report.source)} ({report.format})"
+    if not lines:  # no table: its header alone would say nothing
+        return [title]
     return [title, "", *layout(columns, lines, width, INSPECT_DROPS, g.rule)]
 
 

@@ -129,6 +129,14 @@ def test_tokens_are_never_split_at_80_columns(samples: Path) -> None:
             assert all(row.match(line) for line in rows), rows
 
 
+def test_nothing_to_list_prints_no_table(samples: Path) -> None:
+    result = spectral("inspect", samples / "balle.pt")
+    assert result.exit_code == 0, result.stderr
+    title, blank, summary = result.stdout.splitlines()
+    assert (title, blank) == (f"{samples / 'balle.pt'} (torch)", "")
+    assert INSPECT_SUMMARY.match(summary) and summary.endswith("; pass --all to list the convertible conv kernels too")
+
+
 # ---- degenerate widths ---------------------------------------------------------------------------------------
 
 
