@@ -35,13 +35,14 @@ Errors print ``{"schema": 1, "error": str, "exit_code": int}`` on stdout with ``
 
 from __future__ import annotations
 
+import codecs
 import heapq
 import math
 import textwrap
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from rich.cells import cell_len, get_character_cell_size
@@ -73,16 +74,27 @@ def printable(text: object) -> str:
 
 @dataclass(frozen=True)
 class Glyphs:
-    """The characters tables are drawn with: Unicode where stdout can encode it, ASCII otherwise."""
+    """The characters tables are drawn with: Unicode where stdout can encode it, ASCII otherwise; and stdout's
+    encoding, in which what a file says (names, dtypes, reasons) is written, other characters as escapes."""
 
     arrow: str
     more: str
     rule: str
     spark: str
+    encoding: str = "utf-8"
+
+    def say(self, text: object) -> str:
+        """``text`` printable (:func:`printable`), in what :attr:`encoding` can say: laid out as it will print.
+
+        Example:
+            >>> glyphs_for("latin-1").say("böse.层\\x1b")
+            'böse.\\\\u5c42\\\\x1b'
+        """
+        return printable(text).encode(self.encoding, "backslashreplace").decode(self.encoding)
 
 
 UNICODE = Glyphs(arrow="→", more="…", rule="─", spark="▁▂▃▄▅▆▇█")
-ASCII = Glyphs(arrow="->", more="...", rule="-", spark="_.:-=+*#")
+ASCII = Glyphs(arrow="->", more="...", rule="-", spark="_.:-=+*#", encoding="ascii")
 
 
 def glyphs_for(encoding: str | None) -> Glyphs:
@@ -93,10 +105,14 @@ def glyphs_for(encoding: str | None) -> Glyphs:
         ('→', '->', '_.:-=+*#')
     """
     try:
-        "".join(astuple(UNICODE)).encode(encoding or "utf-8")
-    except (UnicodeError, LookupError):
+        encoding = codecs.lookup(encoding or "utf-8").name
+    except LookupError:
         return ASCII
-    return UNICODE
+    try:
+        (UNICODE.arrow + UNICODE.more + UNICODE.rule + UNICODE.spark).encode(encoding)
+    except UnicodeError:
+        return replace(ASCII, encoding=encoding)
+    return replace(UNICODE, encoding=encoding)
 
 
 SPARK = UNICODE.spark
@@ -118,9 +134,9 @@ def _error(value: float) -> str:
     return f"{value:.1e}" if math.isfinite(value) else str(value)
 
 
-def _where(location: str, name: str, show_location: bool) -> str:
-    """The layer cell: names and file paths are printable."""
-    return printable(f"{location}/{name}" if location and show_location else name or "(root)")
+def _where(location: str, name: str, show_location: bool, g: Glyphs) -> str:
+    """The layer cell: names and file paths printable, in stdout's encoding."""
+    return g.say(f"{location}/{name}" if location and show_location else name or "(root)")
 
 
 def _module_of(key: str) -> str:
@@ -286,11 +302,11 @@ def _selected(count: int, size: Callable[[int], int]) -> tuple[list[int], int]:
 def _skipped_lines(skipped: Sequence[tuple[str, Any]], several: bool, g: Glyphs) -> list[Line]:
     shown = skipped if len(skipped) <= LONG_SKIPPED else skipped[:FIRST_SKIPPED]
     lines: list[Line] = [
-        Row((_where(loc, _module_of(s.key), several),), f"skipped: {printable(s.reason)}") for loc, s in shown
+        Row((_where(loc, _module_of(s.key), several, g),), f"skipped: {g.say(s.reason)}") for loc, s in shown
     ]
     if len(shown) < len(skipped):
         reasons = Counter(s.reason for _, s in skipped[FIRST_SKIPPED:]).most_common()
-        said = ", ".join(f"{printable(reason)}: {n:,}" for reason, n in reasons[:3])
+        said = ", ".join(f"{g.say(reason)}: {n:,}" for reason, n in reasons[:3])
         if len(reasons) > 3:
             said += f", {len(reasons) - 3:,} other reasons"
         lines.append(f"{g.more} {len(skipped) - len(shown):,} more skipped ({said}); --json lists all")
@@ -363,12 +379,12 @@ def file_report_lines(command: str, report: FileReport, width: int, g: Glyphs = 
             params += f" {g.arrow} {c.params_after:,}"
         kind = c.basis + (" (inferred)" if c.inferred else "")
         shapes = f"{_dims(c.shape_before)} {g.arrow} {_dims(c.shape_after)}"
-        cells = (_where(loc, c.name, several), kind, _dims(c.kernel_size), shapes, printable(c.dtype), params,
+        cells = (_where(loc, c.name, several, g), kind, _dims(c.kernel_size), shapes, g.say(c.dtype), params,
                  _error(c.max_error))  # fmt: skip
         lines.append(Row(cells))
     lines += _more(hidden, g)
     lines += _skipped_lines(report.skipped, several, g)
-    return [f"{verb}: {printable(report.source)}", "", *layout(columns, lines, width, CONVERT_DROPS, g.rule)]
+    return [f"{verb}: {g.say(report.source)}", "", *layout(columns, lines, width, CONVERT_DROPS, g.rule)]
 
 
 def file_report_summary(command: str, report: FileReport) -> str:
@@ -435,14 +451,14 @@ def inspect_lines(report: InspectReport, width: int, g: Glyphs = UNICODE) -> lis
             lines.append(f"{g.more} and the {LARGEST} largest of the other {hidden + LARGEST:,}:")
         loc, info = report.layers[index]
         basis = (info.basis or "-") + (" (inferred)" if info.inferred else "")
-        cells = [_where(loc, info.name, several), printable(info.domain), basis, _dims(info.kernel_size),
-                 _dims(info.shape), printable(info.dtype), f"{info.params:,}"]  # fmt: skip
+        cells = [_where(loc, info.name, several, g), g.say(info.domain), basis, _dims(info.kernel_size),
+                 _dims(info.shape), g.say(info.dtype), f"{info.params:,}"]  # fmt: skip
         if report.energy:
             energy = report.energy.get((loc, info.key))
             cells.append(sparkline(energy, g.spark) if energy else "")
         lines.append(Row(tuple(cells)))
     lines += _more(hidden, g)
-    title = f"{printable(report.source)} ({report.format})"
+    title = f"{g.say(report.source)} ({report.format})"
     if not lines:  # no table: its header alone would say nothing
         return [title]
     return [title, "", *layout(columns, lines, width, INSPECT_DROPS, g.rule)]

@@ -286,6 +286,9 @@ def test_locales(tmp_path: Path, locale: str) -> None:
     for text in (listed, converted):
         assert all(name in text for name in shown), text
         assert "\x1b" not in text
+        rows = [line for line in text.splitlines() if " 4x4x3x3 " in line]
+        columns = [cell_len(row[: row.index(" 4x4x3x3 ")]) for row in rows]
+        assert len(rows) == 2 and columns[0] == columns[1], text  # aligned as printed, escapes included
     unicode = encoding == "utf-8"
     sparks = [line.split()[-1] for line in listed.splitlines() if " 4x4x3x3 " in line]
     assert len(sparks) == 2 and all(len(spark) == 3 for spark in sparks), listed
