@@ -14,12 +14,14 @@ where faults are injected).
 from __future__ import annotations
 
 import json
+import os
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from . import __version__, console
 
@@ -33,6 +35,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help and usage errors: Rich's panels show every flag with a "<bool>" as if it took a value,
+    # read "[plot]" in a help text as markup, and print nothing at all under COLUMNS=0
+    rich_markup_mode=None,
 )
 
 
@@ -128,44 +133,88 @@ def _transform(ctx: typer.Context, command: str, input: Path, as_json: bool, qui
     with console.progress(not (quiet or as_json), "converting" if command == "convert" else "baking") as progress:
         chosen: Options = replace(Options(**options), progress=progress, io=io)
         report = (convert_file if command == "convert" else bake_file)(input, chosen)
-    _print_report(command, report, as_json, chosen.dry_run)
+    try:
+        _print_report(command, report, as_json, chosen.dry_run, quiet)
+    except typer.Exit:  # the reader of stdout went away: console.emit chose the exit code
+        raise
+    except Exception as e:
+        # the output is written and verified: a report that cannot be printed does not make that an error
+        if not report.written or os.environ.get("SPECTRAL_DEBUG"):
+            raise
+        from .errors import first_line
+        from .render import printable
+
+        console.stderr().print(
+            f"[yellow]warning:[/] could not print the report ({type(e).__name__}: "
+            f"{escape(printable(first_line(e)))}); {escape(printable(report.target))} is written and verified",
+            highlight=False,
+        )
 
 
-def _print_report(command: str, report: FileReport, as_json: bool, dry_run: bool) -> None:
-    from rich.markup import escape
-
-    from . import render
+def _warn(warnings: list[str]) -> None:
+    from .render import printable
 
     err = console.stderr()
-    for warning in report.warnings:
-        err.print(f"[yellow]warning:[/] {escape(render.printable(warning))}", highlight=False)
+    for warning in warnings:
+        err.print(f"[yellow]warning:[/] {escape(printable(warning))}", highlight=False)
+
+
+def _print_report(command: str, report: FileReport, as_json: bool, dry_run: bool, quiet: bool = False) -> None:
+    """Warnings on stderr; on stdout the JSON document, or the table and the summary line (only the summary line
+    when ``quiet``)."""
+    from . import render
+
+    _warn(report.warnings)
     if as_json:
-        typer.echo(json.dumps(render.file_report_json(command, report, dry_run), indent=2))
+        console.emit(json.dumps(render.file_report_json(command, report, dry_run), indent=2), written=report.written)
         return
-    out = console.stdout()
     if report.message:
-        out.print(report.message, highlight=False, markup=False, soft_wrap=True)
+        console.emit(render.printable(report.message), written=report.written)
         return
-    out.print(render.file_report_table(command, report))
-    out.print(render.file_report_summary(command, report), highlight=False, markup=False, soft_wrap=True)
+    lines = [] if quiet else [*render.file_report_lines(command, report, console.width(), console.glyphs()), ""]
+    lines.append(render.file_report_summary(command, report))
+    console.emit("\n".join(lines), written=report.written)
 
 
 InputArg = Annotated[
     Path,
     typer.Argument(
-        help="Checkpoint: torch.save file (.pt/.pth/.bin/.ckpt), .safetensors, or a directory of safetensors shards."
+        metavar="IN",
+        help="The checkpoint: a torch.save file (.pt/.pth/.bin/.ckpt, a zip archive or a legacy pickle stream), a "
+        ".safetensors file, a directory of safetensors shards, a model directory (save_pretrained: weight files "
+        "and config.json, diffusers pipelines too) or a distributed checkpoint (torch.distributed.checkpoint).",
+        show_default=False,
     ),
 ]
 OutputOpt = Annotated[
-    Path | None, typer.Option("-o", "--output", help="Output file (default: next to the input).", show_default=False)
+    Path | None,
+    typer.Option(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="Output file or directory (default: next to the input).",
+        show_default=False,
+    ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of a table.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would change; write nothing.")]
-QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "-q",
+        "--quiet",
+        help="Print only the summary line: no table, no progress bar (warnings and errors still go to stderr; --json "
+        "stays complete).",
+    ),
+]
 ShardOpt = Annotated[
     str | None,
-    typer.Option("--max-shard-size", help="Write safetensors shards of at most this size (e.g. 2GB) and an index."),
+    typer.Option(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="Write safetensors shards of at most this size (e.g. 2GB) and an index.",
+    ),
 ]
 TrustOpt = Annotated[
     bool,
@@ -180,10 +229,12 @@ def convert(
     output: OutputOpt = None,
     basis: Annotated[str, typer.Option("--basis", metavar="[rfft|rdft]", help="Spectral basis.")] = "rfft",
     include: Annotated[
-        list[str] | None, typer.Option("--include", help="Only layers whose name matches this glob (repeatable).")
+        list[str] | None,
+        typer.Option("--include", metavar="GLOB", help="Only layers whose name matches this glob (repeatable)."),
     ] = None,
     exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", help="Skip layers whose name matches this glob (repeatable).")
+        list[str] | None,
+        typer.Option("--exclude", metavar="GLOB", help="Skip layers whose name matches this glob (repeatable)."),
     ] = None,
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
@@ -209,7 +260,9 @@ def bake(
     output: OutputOpt = None,
     kernel_size: Annotated[
         str | None,
-        typer.Option("--kernel-size", help="Kernel size for spectral tensors without a record, e.g. 3x5."),
+        typer.Option(
+            "--kernel-size", metavar="KHxKW", help="Kernel size for spectral tensors without a record, e.g. 3x5."
+        ),
     ] = None,
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
@@ -254,11 +307,13 @@ def inspect(
         Path | None,
         typer.Option(
             "--plot",
-            help="Also draw each layer's energy per frequency band into this PNG (needs "
-            "matplotlib: pip install 'spectral-cli[plot]'; an existing file is replaced).",
+            metavar="FILE.png",
+            help="Also draw each layer's energy per frequency band into this PNG (an existing file is replaced; "
+            "needs matplotlib: pip install matplotlib).",
             show_default=False,
         ),
     ] = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """List the parametrized layers: spectral ones with basis and kernel size, and other parametrizations."""
 
@@ -274,16 +329,15 @@ def inspect(
 
             plotted = plot_energy(report, plot)
         if as_json:
-            typer.echo(json.dumps(render.inspect_json(report), indent=2))
+            console.emit(json.dumps(render.inspect_json(report), indent=2), written=plotted is not None)
             return
-        out = console.stdout()
-        out.print(render.inspect_table(report))
+        lines = [] if quiet else [*render.inspect_lines(report, console.width(), console.glyphs()), ""]
         line = render.inspect_summary(report)
         if not all_layers and not report.layers:
             line += "; pass --all to list the convertible conv kernels too"
         if plotted is not None:
             line += f"; plotted {plotted} layers to {render.printable(plot)}"
-        out.print(line, highlight=False, markup=False, soft_wrap=True)
+        console.emit("\n".join([*lines, line]), written=plotted is not None)
 
     console.run(as_json, body, input)
 

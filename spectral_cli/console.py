@@ -12,10 +12,22 @@ into an exception while a command runs, so that its temporary files are removed 
 signal the process was started ignoring (``nohup``, a background job's Ctrl-C) stays ignored. (Python itself
 ignores ``SIGXFSZ``: a write past ``ulimit -f`` fails as a write, exit 1.) Everything printed from a file goes
 through :func:`~spectral_cli.render.printable`.
+
+Results go to stdout through :func:`emit`, laid out for :func:`width` (a positive ``COLUMNS``, else the terminal's,
+else 80: ``COLUMNS`` of 0, negative or not a number is ignored), in what stdout's encoding can say: under an
+ASCII or latin-1 locale, tables are drawn in ASCII and other characters are written as Python escapes, never a
+``UnicodeEncodeError``. Errors and warnings go to stderr, whole lines whatever the width.
+
+When the reader of stdout goes away (``spectral inspect X | head -1``) the command stops quietly: no message, no
+traceback. A command whose output file was already written and verified (convert, bake) exits with its own code
+(0: the file is whole; the exit code says the file's fate); anything else (inspect, dry runs, their JSON) exits
+141, 128 + ``SIGPIPE``, as other tools do. The output file is the same with or without the pipe. Any other failure
+to print a report after its output was written (stdout's disk full) is a warning, never an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,23 +37,103 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .render import printable
+from .render import Glyphs, glyphs_for, printable
+
+#: the width of a stream that is no terminal, when ``COLUMNS`` does not say: a pipe's, as other tools assume
+DEFAULT_WIDTH = 80
+#: no layout is wider than this, whatever ``COLUMNS`` says
+MAX_WIDTH = 1000
+#: the exit code of a listing whose reader went away: 128 + SIGPIPE, as for a process that SIGPIPE ends
+SIGPIPE_EXIT = 128 + 13
 
 
-def stdout() -> Console:
-    """Results: tables are cut to the terminal's width, never wrapped into each other."""
-    return Console(soft_wrap=False)
+def width(stream: TextIO | None = None) -> int:
+    """The width in cells to lay ``stream`` (stdout) out for: a positive ``COLUMNS`` (at most :data:`MAX_WIDTH`),
+    else its terminal's, else :data:`DEFAULT_WIDTH`."""
+    text = os.environ.get("COLUMNS", "").strip()
+    try:
+        columns = MAX_WIDTH if text.isdigit() and len(text) > 6 else int(text)
+    except ValueError:  # unset, empty, not a number
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size((sys.stdout if stream is None else stream).fileno()).columns
+        except (AttributeError, ValueError, OSError):  # not a terminal, or no file descriptor (a test's buffer)
+            columns = 0
+    return min(columns, MAX_WIDTH) if columns > 0 else DEFAULT_WIDTH
+
+
+def glyphs() -> Glyphs:
+    """The characters tables are drawn with: Unicode, or ASCII where stdout's encoding cannot say it."""
+    return glyphs_for(getattr(sys.stdout, "encoding", None))
+
+
+def _discard(stream: TextIO) -> None:
+    """Point ``stream``'s descriptor at /dev/null: what Python still holds for it is flushed into nothing."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, ValueError, OSError):
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+
+
+def _write(text: str) -> bool:
+    """``text`` and a newline on stdout, flushed, in what its encoding can say; False if its reader went away."""
+    stream = sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        data = (text + "\n").encode(encoding, "backslashreplace")
+    except LookupError:
+        encoding, data = "ascii", (text + "\n").encode("ascii", "backslashreplace")
+    try:
+        fd = stream.fileno()
+    except (AttributeError, ValueError, OSError):  # a test's buffer
+        fd = -1
+    try:
+        stream.flush()
+        if fd < 0:
+            stream.write(data.decode(encoding))
+            stream.flush()
+        # to the descriptor itself: an unbuffered stdout (python -u, PYTHONUNBUFFERED) drops what a partial write
+        # to a pipe leaves, and never sees the reader go away
+        view = memoryview(data)
+        while fd >= 0 and view:
+            view = view[os.write(fd, view) :]
+    except BrokenPipeError:
+        _discard(stream)
+        return False
+    except OSError as e:  # a full disk under "> file": said as stdout's, not as an output's
+        _discard(stream)  # else Python's flush at exit fails again, and says so
+        raise OSError(e.errno, e.strerror, "stdout") from None
+    return True
+
+
+def emit(text: str, *, written: bool = False) -> None:
+    """Print a result on stdout. If its reader went away, stop quietly: exit 0 when the command's output file was
+    ``written`` (the exit code says the file's fate), else :data:`SIGPIPE_EXIT`."""
+    if not _write(text):
+        raise typer.Exit(0 if written else SIGPIPE_EXIT)
+
+
+class _Stderr(Console):
+    def on_broken_pipe(self) -> None:
+        # nobody reads stderr any more: say nothing from now on, and let the command finish (Rich's own default
+        # exits 1 and points stdout, not stderr, at /dev/null)
+        self.quiet = True
+        _discard(sys.stderr)
 
 
 def stderr() -> Console:
-    """Errors, warnings and the progress bar."""
-    return Console(stderr=True, soft_wrap=True)
+    """Errors, warnings and the progress bar: whole lines, whatever the width."""
+    return _Stderr(stderr=True, soft_wrap=True, width=width(sys.stderr))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -92,7 +184,8 @@ def stopping_signals() -> Iterator[list[int]]:
 
 def _fail(as_json: bool, message: str, code: int, label: str = "error") -> typer.Exit:
     if as_json:
-        typer.echo(json.dumps({"schema": 1, "error": message, "exit_code": code}))  # JSON escapes what it must
+        with contextlib.suppress(OSError):  # stdout is what failed, maybe
+            _write(json.dumps({"schema": 1, "error": message, "exit_code": code}))  # JSON escapes what it must
     stderr().print(f"[bold red]{label}:[/] {escape(printable(message))}", highlight=False)
     return typer.Exit(code)
 
@@ -125,12 +218,14 @@ def run(as_json: bool, body: Callable[[], Any], source: Path) -> Any:
         raise _fail(as_json, f"stopped by {e.name}; no half-written output is left", 128 + e.signum) from None
     except KeyboardInterrupt:  # outside the main thread: no handlers, Python's own Ctrl-C
         raise _fail(as_json, "stopped by SIGINT (Ctrl-C); no half-written output is left", 130) from None
-    except BrokenPipeError:  # the reader of stdout went away (| head): stop quietly, as other tools do
-        sys.stdout = open(os.devnull, "w")  # Python flushes stdout at exit: into nothing now
-        raise typer.Exit(128 + 13) from None
+    except BrokenPipeError:  # the reader of stdout went away (| head) in a print that is not emit's
+        _discard(sys.stdout)
+        raise typer.Exit(SIGPIPE_EXIT) from None
     except OSError as e:  # the system refused something we did not wrap: not our bug
         if debug:
             raise
+        if e.filename == "stdout":  # a listing that could not be printed: there was no output to write
+            raise _fail(as_json, f"stdout: {e.strerror or e}", 1) from None
         where = f"{e.filename}: " if e.filename else ""
         raise _fail(as_json, f"{where}{e.strerror or e}; no output was written", 1) from None
     except Exception as e:
