@@ -139,11 +139,25 @@ def _where(location: str, name: str, show_location: bool, g: Glyphs) -> str:
     return g.say(f"{location}/{name}" if location and show_location else name or "(root)")
 
 
+#: the last parts of a kernel's key after its module's name: a plain weight, a parametrized one (spectral,
+#: weight_norm's original0/original1), the old hooks' (weight_norm's weight_g/weight_v, spectral_norm's and prune's
+#: weight_orig) and the seed package's ``weight_transformed``
+_KERNEL_SUFFIXES = (
+    "parametrizations.weight.original", "parametrizations.weight.original0", "parametrizations.weight.original1",
+    "weight_transformed", "weight_orig", "weight_g", "weight_v", "weight",
+)  # fmt: skip
+
+
 def _module_of(key: str) -> str:
-    """``enc.weight`` / ``enc.parametrizations.weight.original`` / ``enc.weight_transformed`` -> ``enc``."""
-    for suffix in ("parametrizations.weight.original", "weight_transformed", "weight"):
+    """The layer a kernel's key belongs to.
+
+    Example:
+        >>> [_module_of(k) for k in ("enc.weight", "enc.parametrizations.weight.original1", "1.weight_orig", "w")]
+        ['enc', 'enc', '1', 'w']
+    """
+    for suffix in _KERNEL_SUFFIXES:
         if key == suffix or key.endswith("." + suffix):
-            return key.removesuffix(suffix).removesuffix(".")
+            return key.removesuffix(suffix).removesuffix(".") or key
     return key
 
 
