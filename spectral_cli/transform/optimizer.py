@@ -116,8 +116,8 @@ __all__ = [
 ]
 
 #: approximations of a second moment in new coordinates (see the module docstring)
-SecondMoment = Literal["diagonal", "correlated"]
-SECOND_MOMENTS: tuple[str, ...] = ("diagonal", "correlated")
+SecondMoment = Literal["diagonal", "correlated", "split"]
+SECOND_MOMENTS: tuple[str, ...] = ("diagonal", "correlated", "split")
 Direction = Literal["to_spectral", "to_spatial"]
 
 #: how a state key maps: ``gradient`` (linear in gradients, exact), ``param`` (a point or step in weight space,
@@ -306,10 +306,20 @@ def _second(
     option: str,
     *,
     param_like: bool = False,
+    mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if option not in SECOND_MOMENTS:
         raise SpectralError(f"unknown second-moment approximation {option!r}: use one of "
                             f"{', '.join(repr(s) for s in SECOND_MOMENTS)}")  # fmt: skip
+    if option == "split":
+        if mean is None or param_like:
+            option = "diagonal"  # no first moment to split off: the diagonal map of the whole
+        else:
+            mu = _work(mean)
+            rest = (_work(v) - mu * mu).clamp(min=0)
+            mapped = (gradient_to_spectral if direction == "to_spectral" else gradient_to_spatial)(mu, ks, basis)
+            out = _second(rest, ks, basis, direction, "diagonal") + mapped * mapped
+            return _back(out, v, clamp=True)
     correlated = option == "correlated"
     x = _work(v).clamp(min=0)  # a second moment is non-negative; rounding may leave -0.0
     if correlated:
@@ -442,7 +452,8 @@ def convert_state(
             continue
         if kind not in _EXACT:
             approximated.append(key)
-        out[key] = _map(value, kind, ks, basis, direction, second_moment, f"{optimizer} {key!r}")
+        mean = _mean_part(state, betas) if kind == "second" and second_moment == "split" else None
+        out[key] = _map(value, kind, ks, basis, direction, second_moment, f"{optimizer} {key!r}", mean)
     reaged = None
     notes: tuple[str, ...] = ()
     if reage_to is not None:
@@ -461,8 +472,28 @@ def convert_state(
     return Converted(out, None, tuple(approximated), reaged, notes)
 
 
+def _mean_part(state: Mapping[str, Any], betas: tuple[float, float]) -> torch.Tensor | None:
+    """``μ`` with ``μ²`` the part of an Adam second moment that its first moment explains, on the second
+    moment's scale: ``v̂ = m̂² + variance``, so ``μ = m̂ · (1 - β₂ᵗ) ** 0.5`` with ``m̂ = m / (1 - β₁ᵗ)``."""
+    m, step = state.get("exp_avg"), state.get("step")
+    if not isinstance(m, torch.Tensor) or step is None:
+        return None
+    t = _step_value(step)
+    if t < 1:
+        return None
+    b1, b2 = betas
+    return _work(m) * (math.sqrt(1 - b2**t) / (1 - b1**t))
+
+
 def _map(
-    value: torch.Tensor, kind: Kind, ks: tuple[int, ...], basis: Basis, direction: Direction, option: str, what: str
+    value: torch.Tensor,
+    kind: Kind,
+    ks: tuple[int, ...],
+    basis: Basis,
+    direction: Direction,
+    option: str,
+    what: str,
+    mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if direction == "to_spectral":
         if value.dim() < len(ks) or tuple(value.shape[value.dim() - len(ks) :]) != ks:
@@ -480,7 +511,7 @@ def _map(
     if kind == "inf":  # the square root of a second moment
         v = _work(value).clamp(min=0) ** 2
         return _back(_second(v, ks, basis, direction, option).to(torch.float64).sqrt(), value, clamp=True)
-    return _second(value, ks, basis, direction, option, param_like=kind == "second_param")
+    return _second(value, ks, basis, direction, option, param_like=kind == "second_param", mean=mean)
 
 
 def stored_shape(weight_shape: Sequence[int], kernel_size: Sequence[int], basis: Basis) -> tuple[int, ...]:
