@@ -232,6 +232,41 @@ def test_second_moment_to_spatial_is_the_same_approximation_through_the_pseudo_i
 
 
 @pytest.mark.parametrize("basis", BASES)
+def test_split_is_exact_when_the_gradient_does_not_vary(basis: str) -> None:
+    """Adam fed one constant gradient: its second moment is all mean (v̂ = m̂²), which ``split`` converts
+    exactly; the spectral optimizer fed the adjoint of the same gradient holds that state. The diagonal map
+    does not (the taps are fully correlated)."""
+    torch.manual_seed(12)
+    ks, steps, betas = (3, 3), 5, (0.9, 0.999)
+    g = torch.randn(2, 3, *ks, dtype=torch.float64)
+    spatial = torch.nn.Parameter(torch.zeros_like(g))
+    g_c = vjp(g, ks, basis)
+    stored = torch.nn.Parameter(torch.zeros_like(g_c))
+    opt_w, opt_c = torch.optim.Adam([spatial], betas=betas), torch.optim.Adam([stored], betas=betas)
+    for _ in range(steps):
+        spatial.grad, stored.grad = g.clone(), g_c.clone()
+        opt_w.step()
+        opt_c.step()
+    own = opt_c.state[stored]["exp_avg_sq"]
+    split = convert_state(opt_w.state[spatial], "Adam", ks, basis, "to_spectral", second_moment="split", betas=betas)  # type: ignore[arg-type]
+    diagonal = convert_state(opt_w.state[spatial], "Adam", ks, basis, "to_spectral", second_moment="diagonal")  # type: ignore[arg-type]
+    assert split.state is not None and diagonal.state is not None
+    # v and m̂² agree to the bias corrections' rounding; the leftover variance is of that order
+    torch.testing.assert_close(split.state["exp_avg_sq"], own, rtol=1e-9, atol=1e-12 * float(own.max()))
+    assert not torch.allclose(diagonal.state["exp_avg_sq"], own, rtol=1e-3)
+    back = convert_state(opt_c.state[stored], "Adam", ks, basis, "to_spatial", second_moment="split", betas=betas)  # type: ignore[arg-type]
+    assert back.state is not None
+    torch.testing.assert_close(back.state["exp_avg_sq"], opt_w.state[spatial]["exp_avg_sq"], rtol=1e-9, atol=1e-14)
+    # without a first moment (Adagrad) split is the diagonal map
+    v = g * g
+    adagrad = convert_state(
+        {"step": torch.tensor(3.0), "sum": v}, "Adagrad", ks, basis, "to_spectral", second_moment="split"
+    )  # type: ignore[arg-type]
+    assert adagrad.state is not None
+    torch.testing.assert_close(adagrad.state["sum"], second_moment_to_spectral(v, ks, basis, "diagonal"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("basis", BASES)
 def test_large_kernels_are_built_block_by_block(basis: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rfft matrix of a large kernel is built in blocks of bins (its whole would grow as taps²); rdft axis by
     axis. Forced to small blocks, the results equal those of the whole matrix."""

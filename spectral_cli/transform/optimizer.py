@@ -23,7 +23,10 @@ second moment, correlated  ``(√v @ |Syn|ᵀ)²``                          ``((
 =========================  ==========================================  =============================================
 
 The diagonal map is exact when the gradients of a kernel's taps are uncorrelated; the correlated one when they
-are fully correlated (and then an upper bound: ``|Sᵀg| <= |S|ᵀ|g|``). Both are non-negative and equal where
+are fully correlated (and then an upper bound: ``|Sᵀg| <= |S|ᵀ|g|``). ``split`` (Adam family, in
+:func:`convert_state`) writes ``v̂ = m̂² + (v̂ - m̂²)``: the first moment's part converts exactly (``m`` does), the
+rest by the diagonal map; it is exact for a gradient that does not vary, and the diagonal map where the
+state has no first moment. Both are non-negative and equal where
 ``S`` is a signed permutation (a 1-tap axis, the ``rdft`` of 1x2). Second moments of parameter displacements
 (Adadelta's ``acc_delta``) use the parameter map's squares (``Syn∘Syn`` divided by ``w²``, ``|Syn|`` by ``w``).
 
@@ -337,18 +340,19 @@ def _second(
 
 
 def second_moment_to_spectral(
-    v: torch.Tensor, kernel_size: Sequence[int], basis: Basis, option: str = "correlated"
+    v: torch.Tensor, kernel_size: Sequence[int], basis: Basis, option: str = "diagonal"
 ) -> torch.Tensor:
     """An average of squared spatial gradients (Adam's ``exp_avg_sq``) approximated in the stored tensor's
     coordinates: ``"diagonal"`` (taps' gradients uncorrelated) or ``"correlated"`` (fully correlated: an upper
-    bound). Non-negative; computed in float64, returned in ``v.dtype``."""
+    bound); ``"split"`` needs the first moment (:func:`convert_state`) and is ``"diagonal"`` here. Non-negative;
+    computed in float64, returned in ``v.dtype``."""
     ks, basis = check_kernel_size(kernel_size), check_basis(basis)
     _check_spatial(v, ks)
     return _second(v, ks, basis, "to_spectral", option)
 
 
 def second_moment_to_spatial(
-    v_c: torch.Tensor, kernel_size: Sequence[int], basis: Basis, option: str = "correlated"
+    v_c: torch.Tensor, kernel_size: Sequence[int], basis: Basis, option: str = "diagonal"
 ) -> torch.Tensor:
     """The reverse of :func:`second_moment_to_spectral` (for bake): the same approximation through the
     pseudo-inverse of ``Sᵀ``."""
@@ -412,7 +416,7 @@ def convert_state(
     basis: Basis,
     direction: Direction,
     *,
-    second_moment: str = "correlated",
+    second_moment: str = "diagonal",
     reage_to: int | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> Converted:
@@ -482,7 +486,8 @@ def _mean_part(state: Mapping[str, Any], betas: tuple[float, float]) -> torch.Te
     if t < 1:
         return None
     b1, b2 = betas
-    return _work(m) * (math.sqrt(1 - b2**t) / (1 - b1**t))
+    scale: float = math.sqrt(1 - b2**t) / (1 - b1**t)
+    return _work(m) * scale
 
 
 def _map(
