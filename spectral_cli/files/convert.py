@@ -198,9 +198,9 @@ def _transform_file(action: Action, path: Path, options: Options) -> FileReport:
             )
         check_output(src.inputs(), sink.target, force=options.force, directory=sink.directory)
         with Scratch(options.io.slab_bytes) as scratch:
-            order = sink.order if sink.order is not None and not options.dry_run else [
+            asked = sink.order if sink.order is not None and not options.dry_run else [
                 (part, step) for part, plan in plans for step in plan.steps]  # fmt: skip
-            tensors = [(step, functools.partial(part.tensor, step.source_key)) for part, step in order]
+            tensors = [(step, functools.partial(part.tensor, step.source_key)) for part, step in asked]
             batches = Batches(scratch, tensors, measure=options.dry_run)
 
             def run(part: Part, step: Step) -> Changes:  # a written tensor's error is measured on what was written

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Mapping
@@ -266,7 +267,9 @@ class Batches:
             self._held = 0
         action, ks, basis, dtype_name, out_dtype_name = key
         dtype = getattr(torch, dtype_name)
-        steps, reads, rows = [], [], []
+        steps: list[Step] = []
+        reads: list[Callable[[int, torch.Tensor], None]] = []
+        rows: list[int] = []
         used = skipped = 0
         for i in range(first, len(self._order)):
             step, tensor = self._order[i]
@@ -313,9 +316,8 @@ def _run(state_dict: StateDict, plan: Plan) -> SurgeryResult:
     out: OrderedDict[str, Any] = OrderedDict()
     changed = []
     with Scratch() as scratch:
-        order = [(step, InMemory(state_dict[step.source_key])) for step in plan.steps]
-        batches = Batches(scratch, [(step, (lambda s=stored: s)) for step, stored in order])
-        stored_of = {id(step): stored for step, stored in order}
+        stored_of = {id(step): InMemory(state_dict[step.source_key]) for step in plan.steps}
+        batches = Batches(scratch, [(step, functools.partial(stored_of.__getitem__, id(step))) for step in plan.steps])
         for key, value in state_dict.items():
             step = steps.get(key)
             if step is None:
