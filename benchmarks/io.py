@@ -3,6 +3,7 @@
 One command::
 
     python -m benchmarks.io [--size-gib 1.0] [--repeats 5] [--layout uniform|unet] [--python /path/to/other/python ...]
+    python -m benchmarks.io --tensors 100000 [--repeats 3]
 
 A float32 conv checkpoint of ``--size-gib`` is generated in a temporary directory (never in the repository) and
 deleted afterwards, in one of two layouts (``--layout``, which also shapes the ``--sharded`` and ``--dcp``
@@ -64,6 +65,11 @@ its run.
 
 ``--dcp`` adds the same for a ``torch.distributed.checkpoint`` directory of that size.
 
+``--tensors N`` measures instead what each tensor costs beyond its bytes (the issue's file of many small tensors):
+``spectral convert X -o Y --json -q`` of N float32 tensors of :data:`TINY_SHAPE` and of the same bytes in
+:data:`FEW_TENSORS` tensors, and ``spectral bake`` of both outputs, interleaved; the overhead per tensor is
+``(t_many - t_few) / N`` (goal: at most 0.2 ms, and 100,000 tensors in under 30 s).
+
 ``--sharded`` adds a sharded directory of twice ``--size-gib`` (at least twice :data:`CAP_FLOOR`) converted
 shard by shard in a process whose address space is capped (``RLIMIT_AS``) at half the directory's size above
 its imports: it can only succeed by streaming.
@@ -94,6 +100,14 @@ REPO = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
 GIB = 1 << 30
 
+#: the commands of the many-tensors measurement (``--tensors N``): ``spectral convert|bake X -o Y --json -q``
+TENSORS = "tensors "
+#: the many-tensors measurement: ``--tensors N`` kernels of this shape, against the same bytes in this many tensors
+TINY_SHAPE = (1, 1, 3, 3)
+FEW_TENSORS = 100
+#: the issue's goals for ``--tensors 100000``: overhead per tensor beyond the bytes' own cost, and the time
+OVERHEAD_GOAL_S = 2e-4
+MANY_SECONDS_GOAL = 30.0
 #: read and write the output of a convert instead of the input (the same bytes as convert writes)
 OUTPUT_SIZE = ", output size"
 #: what an ablation patches out of spectral in the benchmark's own process (not options of spectral)
@@ -194,9 +208,17 @@ def float32_header(shapes: dict[str, tuple[int, ...]]) -> tuple[bytes, int]:
 
 def write_checkpoint(path: Path, target_bytes: int, seed: int = 0, layout: str = DEFAULT_LAYOUT) -> dict[str, Any]:
     """Write a safetensors conv checkpoint tensor by tensor (its own minimal writer, independent of the package)."""
+    shapes = LAYOUTS[layout](target_bytes)
+    write_shapes(path, shapes, seed)
+    largest = max(4 * math.prod(s) for s in shapes.values())
+    return {"bytes": path.stat().st_size, "tensors": len(shapes), "largest_bytes": largest, "layout": layout,
+            "largest": max(shapes, key=lambda k: math.prod(shapes[k]))}  # fmt: skip
+
+
+def write_shapes(path: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> None:
+    """A float32 safetensors file of ``shapes``, in order, with random values scaled by each kernel's fan-in."""
     import numpy as np
 
-    shapes = LAYOUTS[layout](target_bytes)
     head, _ = float32_header(shapes)
     rng = np.random.default_rng(seed)
     with path.open("wb") as f:
@@ -204,9 +226,6 @@ def write_checkpoint(path: Path, target_bytes: int, seed: int = 0, layout: str =
         for shape in shapes.values():
             fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
             f.write((rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / math.sqrt(fan_in))).tobytes())
-    largest = max(4 * math.prod(s) for s in shapes.values())
-    return {"bytes": path.stat().st_size, "tensors": len(shapes), "largest_bytes": largest, "layout": layout,
-            "largest": max(shapes, key=lambda k: math.prod(shapes[k]))}  # fmt: skip
 
 
 def write_sharded(
@@ -317,6 +336,12 @@ def child(command: str, src: str, dst: str, cap_bytes: int | None, out_bytes: in
         if out_bytes is None:
             raise ValueError("the floor needs the number of bytes to write")
         durable_floor(src, dst, out_bytes)
+    elif command.startswith(TENSORS):  # the many-tensors rows: the CLI with its JSON report, nothing else printed
+        verb = command.removeprefix(TENSORS)
+        try:
+            app(args=[verb, src, "-o", dst, "--json", "-q"], prog_name="spectral")
+        except SystemExit as e:
+            code = int(e.code or 0)
     else:
         name, *ablations = (part.strip() for part in command.split(","))
         io = _ablated(ablations)
@@ -624,6 +649,98 @@ def run(
     return {"checkpoint": info, "repeats": repeats, "interpreters": results, "sharded": shard, "dcp": distributed}
 
 
+def tensors_layouts(n: int) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The two files of ``--tensors n``: ``many``, n kernels of :data:`TINY_SHAPE`; ``few``, the same bytes in
+    :data:`FEW_TENSORS` tensors (or n, if fewer), named so that a file lists them in the order written."""
+    few = min(n, FEW_TENSORS)
+    rows = [n // few + (i < n % few) for i in range(few)]
+    digits = len(str(n))
+    return {
+        "many": {f"layer{i:0{digits}d}.weight": TINY_SHAPE for i in range(n)},
+        "few": {f"layer{i:03d}.weight": (r, *TINY_SHAPE[1:]) for i, r in enumerate(rows)},
+    }
+
+
+def bench_tensors(python: str, work: Path, n: int, repeats: int, log: bool) -> dict[str, Any]:
+    """``spectral convert`` and ``bake`` (``--json -q``) of n tiny tensors and of the same bytes in a few,
+    interleaved, ``repeats`` times; the overhead per tensor is ``(t_many - t_few) / n`` of each repeat."""
+    files = {}
+    for which, shapes in tensors_layouts(n).items():
+        files[which] = work / f"{which}.safetensors"
+        write_shapes(files[which], shapes)
+        _warm(files[which])
+    spectral = {which: work / f"{which}.spectral.safetensors" for which in files}
+    for which, path in files.items():  # bake's inputs, made once
+        _run_child(python, f"{TENSORS}convert", path, spectral[which])
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for r in range(repeats):
+        for verb in ("convert", "bake"):
+            for which in ("many", "few"):
+                source = files[which] if verb == "convert" else spectral[which]
+                target = work / "out.safetensors"
+                data = _run_child(python, f"{TENSORS}{verb}", source, target)
+                _remove(target)
+                runs.setdefault(f"{verb}, {which}", []).append(data)
+                if log:
+                    print(f"  [{r + 1}/{repeats}] {verb} {which:5s} {data['seconds']:8.3f} s  wall "
+                          f"{data['wall']:8.3f} s  peak {data['peak'] / MIB:6.0f} MiB", file=sys.stderr,
+                          flush=True)  # fmt: skip
+    rows = {}
+    for key, rs in runs.items():
+        rows[key] = {"seconds": _median([x["seconds"] for x in rs]),
+                     "seconds_all": [round(x["seconds"], 4) for x in rs],
+                     "cpu": _median([x["cpu"] for x in rs]), "wall": _median([x["wall"] for x in rs]),
+                     "peak": max(x["peak"] for x in rs),
+                     "rss_imports": _median([x["rss_imports"] for x in rs])}  # fmt: skip
+    overhead = {}
+    for verb in ("convert", "bake"):
+        pairs = zip(runs[f"{verb}, many"], runs[f"{verb}, few"], strict=True)
+        overhead[verb] = _median([(many["seconds"] - few["seconds"]) / n for many, few in pairs])
+    return {"python": python, "rows": rows, "overhead_per_tensor": overhead}
+
+
+def run_tensors(n: int, repeats: int = 3, pythons: Sequence[str] = (), log: bool = True) -> dict[str, Any]:
+    """The many-tensors measurement with every interpreter; the result document."""
+    pythons = [os.path.abspath(p) for p in pythons] or [sys.executable]
+    few = len(tensors_layouts(n)["few"])
+    with workdir() as work:
+        if log:
+            print(f"io --tensors: {n} tensors of {'x'.join(map(str, TINY_SHAPE))} float32 against {few}, in {work}",
+                  file=sys.stderr)  # fmt: skip
+        results = [bench_tensors(python, work, n, repeats, log) for python in pythons]
+    return {"tensors": {"n": n, "few": few, "shape": list(TINY_SHAPE), "bytes": 4 * n * math.prod(TINY_SHAPE),
+                        "repeats": repeats, "interpreters": results}}  # fmt: skip
+
+
+def render_tensors(result: dict[str, Any]) -> str:
+    """A Markdown table of a :func:`run_tensors` result."""
+    info = result["tensors"]
+    n, few = info["n"], info["few"]
+    shape = "x".join(map(str, info["shape"]))
+    lines = [
+        f"{n:,} float32 tensors of {shape} ({info['bytes'] / MIB:.1f} MiB) against the same bytes in {few} tensors: "
+        f"`spectral convert|bake X -o Y --json -q`, medians of {info['repeats']} interleaved repeats, time of the "
+        "operation alone (after imports). Overhead per tensor: (many - few) / "
+        f"{n:,}, median of the per-repeat figures; the goal is at most {OVERHEAD_GOAL_S * 1e3:.1f} ms, and "
+        f"{MANY_SECONDS_GOAL:.0f} s for 100,000 tensors.",
+        "",
+    ]
+    for interp in info["interpreters"]:
+        rows = interp["rows"]
+        lines += [f"Interpreter `{interp['python']}`", "",
+                  "| command | tensors | time (s) | CPU (s) | process wall (s) | peak RSS (MiB) "
+                  "| overhead per tensor (ms) |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for verb in ("convert", "bake"):
+            for which, count in (("many", n), ("few", few)):
+                row = rows[f"{verb}, {which}"]
+                per = f"{interp['overhead_per_tensor'][verb] * 1e3:.3f}" if which == "many" else ""
+                lines.append(f"| {verb} | {count:,} | {row['seconds']:.3f} | {row['cpu']:.2f} | {row['wall']:.2f} | "
+                             f"{_mib(row['peak'])} | {per} |")  # fmt: skip
+        lines += ["", "Raw operation times (s): " + ", ".join(f"{k}: {r['seconds_all']}" for k, r in rows.items()), ""]
+    return "\n".join(lines)
+
+
 def _mib(n: float) -> str:
     return f"{n / MIB:,.0f}"
 
@@ -712,6 +829,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the checkpoint's tensors (default %(default)s: the issue's 768x768 3x3 kernels)")  # fmt: skip
     p.add_argument("--sharded", action="store_true", help="also convert a 2x sharded directory under a memory cap")
     p.add_argument("--dcp", action="store_true", help="also convert a 2x distributed checkpoint under a memory cap")
+    p.add_argument("--tensors", type=int, metavar="N",
+                   help="instead: convert and bake N tiny tensors against the same bytes in 100 (overhead per tensor)",
+                   )  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the result document here")
     p.add_argument("--child", nargs=4, metavar=("COMMAND", "SRC", "DST", "RESULT"), help=argparse.SUPPRESS)
     p.add_argument("--cap", type=int, help=argparse.SUPPRESS)
@@ -725,6 +845,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         command, src, dst, out = args.child
         Path(out).write_text(json.dumps(child(command, src, dst, args.cap, args.out_bytes)))
         return None
+    if args.tensors is not None:
+        return publish(run_tensors(args.tensors, args.repeats, args.python), args.json, render_tensors)
     result = run(args.size_gib, args.repeats, args.python, args.sharded, dcp=args.dcp, layout=args.layout)
     return publish(result, args.json, render)
 

@@ -4,11 +4,12 @@ One command::
 
     python -m benchmarks.run_all [--quick] [--out docs/benchmarks.md] [--python /path/to/cpu-build/python]
 
-Each benchmark runs in a process of its own (``benchmarks.io``, ``benchmarks.train_step``,
-``benchmarks.startup``), one after the other, never two at once; each measures its ratios side by side in one
-run (interleaved repeats, medians). ``--python`` adds an interpreter (for example a virtual environment with
-the CPU build of torch) to the I/O and start-up benchmarks; the training-step benchmark runs with this
-interpreter, which needs CompressAI and pytorch-parametrizations 1.0.0 (``pip install -e '.[test]'``).
+Each benchmark runs in a process of its own (``benchmarks.io`` twice: a large checkpoint, then many small
+tensors with ``--tensors``; ``benchmarks.train_step``, ``benchmarks.startup``), one after the other, never two at
+once; each measures its ratios side by side in one run (interleaved repeats, medians). ``--python`` adds an
+interpreter (for example a virtual environment with the CPU build of torch) to the I/O and start-up benchmarks;
+the training-step benchmark runs with this interpreter, which needs CompressAI and pytorch-parametrizations 1.0.0
+(``pip install -e '.[test]'``).
 ``--quick`` shrinks every benchmark (a 0.25 GiB checkpoint, fewer repeats) to check that they run; its figures
 are not the ones to quote. ``--json FILE`` keeps the whole result document; ``--render-from FILE`` rewrites the
 Markdown from one without running anything. ``--train-gpu FILE`` adds a training-step document measured on a GPU
@@ -127,14 +128,17 @@ def run(quick: bool, pythons: Sequence[str], device: str) -> dict[str, Any]:
         train_args = ["--device", device, "--repeats", "3", "--steps", "3", "--warmup", "2"]
         small_args = [*train_args, "--preset", "cpu-small"]
         startup_args = ["--runs", "3", *extra]
+        tensors_args = ["--tensors", "2000", "--repeats", "1", *extra]
     else:
         io_args = ["--size-gib", "1.0", "--repeats", "5", "--layout", "uniform", "--sharded", "--dcp", *extra]
         # many short repeats: each configuration sees the same machine load (it is shared)
         train_args = ["--device", device, "--repeats", "15", "--steps", "5", "--warmup", "3"]
         small_args = ["--device", device, "--repeats", "15", "--steps", "10", "--warmup", "3", "--preset", "cpu-small"]
         startup_args = ["--runs", "10", *extra]
+        tensors_args = ["--tensors", "100000", "--repeats", "3", *extra]
     results = {
         "io": _run_module("io", io_args),
+        "io_tensors": _run_module("io", tensors_args),
         "train_step": _run_module("train_step", train_args),
         **({"train_step_small": _run_module("train_step", small_args)} if device == "cpu" else {}),
         "startup": _run_module("startup", startup_args),
@@ -183,6 +187,19 @@ def acceptance(doc: dict[str, Any]) -> list[str]:
             add(f"convert memory above its imports / file size, {tag}", f"<= {TARGETS['above_imports_per_file']}",
                 f"{above:.3f} ({row['above_imports'] / MIB:,.0f} MiB)",
                 above <= TARGETS["above_imports_per_file"])  # fmt: skip
+    many = res.get("io_tensors", {}).get("tensors")
+    if many:
+        for interp in many["interpreters"]:
+            for verb in ("convert", "bake"):
+                per = interp["overhead_per_tensor"][verb]
+                seconds = interp["rows"][f"{verb}, many"]["seconds"]
+                shape = "x".join(map(str, many["shape"]))
+                add(f"{verb} of {many['n']:,} tensors of {shape}: overhead per tensor beyond the same bytes in "
+                    f"{many['few']} tensors (--json -q)", f"<= {io_bench.OVERHEAD_GOAL_S * 1e3:.1f} ms",
+                    f"{per * 1e3:.3f} ms", per <= io_bench.OVERHEAD_GOAL_S)  # fmt: skip
+                if many["n"] >= 100_000:
+                    add(f"{verb} of {many['n']:,} tiny tensors (--json -q)", f"< {io_bench.MANY_SECONDS_GOAL:.0f} s",
+                        f"{seconds:.1f} s", seconds < io_bench.MANY_SECONDS_GOAL)  # fmt: skip
     shard = io_res.get("sharded")
     if shard:
         add("a sharded directory larger than the memory the process may use converts",
@@ -363,6 +380,17 @@ def render(doc: dict[str, Any]) -> str:
         f"Command: `{res['io']['command']}` ({res['io']['elapsed_s']:.0f} s)",
         "",
         io_bench.render(res["io"]),
+        *(
+            [
+                "### Many small tensors",
+                "",
+                f"Command: `{res['io_tensors']['command']}` ({res['io_tensors']['elapsed_s']:.0f} s)",
+                "",
+                io_bench.render_tensors(res["io_tensors"]),
+            ]
+            if "io_tensors" in res
+            else []
+        ),
         "## 3. Training-step overhead",
         "",
         f"Command: `{res['train_step']['command']}` ({res['train_step']['elapsed_s']:.0f} s)",

@@ -184,9 +184,9 @@ def write_shards(
         meta = file_metadata(metadata(name), records, keys)
         shard_specs = {k: specs[k] for k in keys}
         shard = out.file(name)
-        write_safetensors(shard, shard_specs, meta, produce, progress, writeback_bytes)
+        header = write_safetensors(shard, shard_specs, meta, produce, progress, writeback_bytes)
         out.done(shard)
-        expected[name] = (shard_specs, meta)
+        expected[name] = (shard_specs, meta, header)
     index_meta = dict(index.get("metadata") or {}) if isinstance(index.get("metadata"), dict) else {}
     index_meta["total_size"] = sum(spec.nbytes for spec in specs.values())
     weight_map = {k: name for name, keys in layout.items() for k in keys}
@@ -196,8 +196,8 @@ def write_shards(
     out.done(index_file)
 
     def verify(staging: Path) -> None:
-        for name, (shard_specs, meta) in expected.items():
-            verify_header(staging / name, shard_specs, meta, out.target)
+        for name, (shard_specs, meta, header) in expected.items():
+            verify_header(staging / name, shard_specs, meta, out.target, header)
 
     return verify
 

@@ -17,8 +17,9 @@ nothing is renamed into place. Memory stays near a few slabs (a torch file is lo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ import torch
 from ..errors import CheckpointError
 from ..statedict.keys import ITEMSIZE, TensorSpec
 from ..statedict.plan import Plan, Step
-from ..statedict.surgery import Stored, step_input
-from ..transform.slabs import Scratch, synthesis_error
+from ..statedict.surgery import Stored, batch_bytes, batch_key, step_input
+from ..transform.slabs import BATCH_BYTES, Scratch, synthesis_error, synthesis_errors
 from .formats import INDEX_SUFFIX, MODEL_DIR
 from .sources import Part, Source, open_source
 from .syscalls import SYSCALLS, Syscalls
@@ -41,6 +42,10 @@ ROUND_TRIP_BOUND: dict[str, float] = {
 }
 #: bytes of each side compared at once
 _CHUNK = 8 << 20
+#: tensors of the output looked at together (small ones among them compared in batches), and the largest tensor
+#: carried over that is compared with others in one comparison
+_GROUP = 4096
+_SMALL = 1 << 16
 
 
 @dataclass
@@ -77,21 +82,109 @@ def verify_output(
         for (part, plan), back in _pairs(plans, out.parts, differs):
             _check_names(part, plan, back, differs)
             steps = {s.target_key: s for s in plan.steps}
-            for key, spec in back.specs.items():
-                step = steps.get(key)
-                if step is None:
-                    if not _same(part.tensor(key), back.tensor(key), spec, scratch):
-                        raise differs(key)
-                else:
-                    error = _measured(step, part.tensor(step.source_key), back.tensor(key), scratch, wide)
-                    if not _within_bound(step, error, part.tensor(step.source_key)):
-                        raise differs(f"{key}: error {error:.1e}")
-                    verified.errors[part.where, step.source_key] = error
-                verified.tensors += 1
+            items = list(back.specs.items())
+            for begin in range(0, len(items), _GROUP):
+                failure = _check_tensors(part, back, steps, items[begin : begin + _GROUP], scratch, wide, verified)
+                if failure is not None:
+                    raise differs(failure)
+                verified.tensors += len(items[begin : begin + _GROUP])
         _check_container(getattr(src, "obj", None), getattr(out, "obj", None), plans, dropped, differs)
         if src.format == MODEL_DIR:
             _check_files(src.path, written, getattr(src, "others", []), getattr(out, "others", []), differs)
     return verified
+
+
+def _check_tensors(
+    part: Part,
+    back: Part,
+    steps: Mapping[str, Step],
+    items: Sequence[tuple[str, TensorSpec]],
+    scratch: Scratch,
+    wide: Scratch,
+    verified: Verified,
+) -> str | None:
+    """Compare the written tensors ``items`` (in the output's order) with the input: the first that differs (what
+    to say of it), or None, with the errors of those transformed in ``verified``. Small tensors are compared
+    several at once (tensors of a few kernels cost far more in calls than in arithmetic): transformed ones of the
+    same kind in one product, with the figures each would get alone; carried ones in one comparison of bytes."""
+    failures: dict[int, str] = {}
+    batches: dict[tuple[Any, ...], list[int]] = {}
+    carried: list[int] = []
+    for i, (key, spec) in enumerate(items):
+        step = steps.get(key)
+        kind = batch_key(step) if step is not None else None
+        if kind is not None:
+            batches.setdefault(kind, []).append(i)
+        elif step is None and spec.kind == "dense" and spec.dtype in ITEMSIZE and not spec.dtype.startswith("q") \
+                and spec.nbytes <= _SMALL:  # fmt: skip
+            carried.append(i)
+        elif step is None:
+            if not _same(part.tensor(key), back.tensor(key), spec, scratch):
+                failures[i] = key
+        else:
+            error = _measured(step, part.tensor(step.source_key), back.tensor(key), scratch, wide)
+            if not _within_bound(step, error, part.tensor(step.source_key)):
+                failures[i] = f"{key}: error {error:.1e}"
+            verified.errors[part.where, step.source_key] = error
+    for indices in batches.values():
+        for group in _budgeted(indices, lambda i: batch_bytes(steps[items[i][0]])):
+            group_steps = [steps[items[i][0]] for i in group]
+            errors = _measured_batch(group_steps, part, [back.tensor(items[i][0]) for i in group])
+            for i, step, error in zip(group, group_steps, errors, strict=True):
+                if not _within_bound(step, error, part.tensor(step.source_key)):
+                    failures[i] = f"{items[i][0]}: error {error:.1e}"
+                verified.errors[part.where, step.source_key] = error
+    for group in _budgeted(carried, lambda i: items[i][1].nbytes):
+        failures.update((i, items[i][0]) for i in _carried_differ(part, back, [items[i] for i in group], group))
+    return failures[min(failures)] if failures else None
+
+
+def _budgeted(indices: list[int], size: Any) -> Iterator[list[int]]:
+    """``indices`` in runs of at most :data:`BATCH_BYTES` by ``size(i)`` (at least one each)."""
+    group: list[int] = []
+    used = 0
+    for i in indices:
+        n = size(i)
+        if group and used + n > BATCH_BYTES:
+            yield group
+            group, used = [], 0
+        group.append(i)
+        used += n
+    if group:
+        yield group
+
+
+def _measured_batch(steps: Sequence[Step], part: Part, written: Sequence[Stored]) -> list[float]:
+    """:func:`_measured` of several small tensors of one kind at once, with the same figures."""
+    first = steps[0]
+    ks, basis = first.kernel_size, first.basis
+    sources = [part.tensor(step.source_key).read for step in steps]
+    back = [stored.read for stored in written]
+    if first.action == "convert":
+        rows = [math.prod(step.shape_before) // math.prod(ks) for step in steps]
+        return synthesis_errors(back, rows, getattr(torch, first.out_dtype), ks, basis, sources,
+                                getattr(torch, first.dtype), exact=False)  # fmt: skip
+    rows = [math.prod(step.shape_after) // math.prod(ks) for step in steps]
+    return synthesis_errors(sources, rows, getattr(torch, first.dtype), ks, basis, back,
+                            getattr(torch, first.out_dtype), exact=True)  # fmt: skip
+
+
+def _carried_differ(
+    part: Part, back: Part, items: Sequence[tuple[str, TensorSpec]], indices: Sequence[int]
+) -> list[int]:
+    """Of small tensors carried over (``items``, at ``indices``), those whose written bytes differ: all read into
+    two buffers and compared at once, one by one only when they differ."""
+    sizes = [spec.nbytes for _, spec in items]
+    offsets = list(itertools.accumulate(sizes, initial=0))
+    x, y = torch.empty(offsets[-1], dtype=torch.uint8), torch.empty(offsets[-1], dtype=torch.uint8)
+    for (key, _), (start, end) in zip(items, itertools.pairwise(offsets), strict=True):
+        if end > start:
+            part.tensor(key).read(0, x[start:end])
+            back.tensor(key).read(0, y[start:end])
+    if torch.equal(x, y):
+        return []
+    bounds = zip(indices, itertools.pairwise(offsets), strict=True)
+    return [i for i, (start, end) in bounds if not torch.equal(x[start:end], y[start:end])]
 
 
 def _pairs(plans: Sequence[tuple[Part, Plan]], parts: Sequence[Part], differs: Any) -> list[tuple[Any, Part]]:

@@ -31,17 +31,26 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
-from collections.abc import Generator, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Generator, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from .. import __version__
 from ..transform.kernels import DEFAULT_BASIS, Basis
-from ..transform.slabs import Scratch, spatial_pieces, spectral_pieces
+from ..transform.slabs import (
+    BATCH_BYTES,
+    Scratch,
+    batch_rows,
+    spatial_batch,
+    spatial_pieces,
+    spectral_batch,
+    spectral_pieces,
+)
 from .keys import TensorSpec
 from .plan import LayerInfo, Plan, Skipped, Step, describe, plan_bake, plan_convert
 from .records import METADATA_KEY, LayerRecord, parse_records, records_document
@@ -62,7 +71,9 @@ class LayerChange(Step):
     @classmethod
     def of(cls, step: Step, max_error: float) -> LayerChange:
         """The change that executing ``step`` made, with its measured error."""
-        return cls(**{f.name: getattr(step, f.name) for f in fields(step)}, max_error=max_error)
+        change = object.__new__(cls)  # made per tensor: a frozen __init__ sets each field through object.__setattr__
+        change.__dict__.update(step.__dict__, max_error=max_error)
+        return change
 
     @property
     def params_before(self) -> int:
@@ -191,6 +202,102 @@ def execute(step: Step, stored: Stored, scratch: Scratch, *, measure: bool = Tru
     return LayerChange.of(step, error)
 
 
+#: steps skipped over while gathering a batch (steps of other kinds between those of its kind) before it stops
+_LOOKAHEAD = 256
+
+
+def _kernels(step: Step) -> int:
+    """The kernels of a step's tensor."""
+    shape = step.shape_before if step.action == "convert" else step.shape_after
+    return math.prod(shape) // math.prod(step.kernel_size)
+
+
+def batch_key(step: Step) -> tuple[Any, ...] | None:
+    """What the steps run in one batch share, or None for a step run alone (:func:`execute`)."""
+    if step.complex_source or not batch_rows(_kernels(step), step.kernel_size, getattr(torch, step.dtype)):
+        return None
+    return step.action, step.kernel_size, step.basis, step.dtype, step.out_dtype
+
+
+def batch_bytes(step: Step) -> int:
+    """What a step of :func:`batch_key` takes of a batch's :data:`~spectral_cli.transform.slabs.BATCH_BYTES`: its
+    padded rows of kernels, at 8 bytes a number (the widest buffers of a batch hold about that)."""
+    return batch_rows(_kernels(step), step.kernel_size, getattr(torch, step.dtype)) * math.prod(step.kernel_size) * 8
+
+
+class Batches:
+    """Steps executed as a writer asks for them, those on small tensors several at once: a tensor of a few kernels
+    costs far more in Python and torch calls than in arithmetic, so the small tensors of the same kind that
+    ``order`` lists next (``(step, its tensor)``, the order the writer will ask for them) are read and transformed
+    in one product when the first of them is asked for (with the bits of each alone; see
+    :func:`~spectral_cli.transform.slabs.spectral_batch`), and handed out as asked. Larger tensors run on their own,
+    slab by slab (:func:`execute`). Memory holds a few batches: results not asked for in time are dropped, and
+    made again if asked for later.
+    """
+
+    def __init__(
+        self, scratch: Scratch, order: Iterable[tuple[Step, Callable[[], Stored]]] = (), *, measure: bool = True
+    ) -> None:
+        self.scratch, self.measure = scratch, measure
+        self._order = list(order)
+        self._index = {id(step): i for i, (step, _) in enumerate(self._order)}
+        self._done: dict[int, tuple[torch.Tensor, float]] = {}
+        self._held = 0
+
+    def execute(self, step: Step, stored: Stored) -> Changes:
+        """:func:`execute` of ``step`` on ``stored``, from a batch where it has one."""
+        done = self._done.pop(id(step), None)
+        if done is None:
+            index = self._index.get(id(step))
+            key = batch_key(step) if index is not None else None
+            if index is None or key is None:
+                return (yield from execute(step, stored, self.scratch, measure=self.measure))
+            self._batch(index, key, stored)
+            done = self._done.pop(id(step))
+        result, error = done
+        self._held -= result.numel() * result.element_size()
+        if result.numel():
+            yield 0, result
+        return LayerChange.of(step, error)
+
+    def _batch(self, first: int, key: tuple[Any, ...], stored: Stored) -> None:
+        """Run the step at ``first`` of the order with the next steps of the same ``key`` not yet run."""
+        if self._held > 4 * BATCH_BYTES:  # results a writer did not ask for in the order given: made again if asked
+            self._done.clear()
+            self._held = 0
+        action, ks, basis, dtype_name, out_dtype_name = key
+        dtype = getattr(torch, dtype_name)
+        steps: list[Step] = []
+        reads: list[Callable[[int, torch.Tensor], None]] = []
+        rows: list[int] = []
+        used = skipped = 0
+        for i in range(first, len(self._order)):
+            step, tensor = self._order[i]
+            if i != first and (id(step) in self._done or batch_key(step) != key):
+                skipped += 1
+                if skipped > _LOOKAHEAD:
+                    break
+                continue
+            size = batch_bytes(step)
+            if steps and used + size > BATCH_BYTES:
+                break
+            used += size
+            steps.append(step)
+            reads.append((stored if i == first else tensor()).read)
+            rows.append(_kernels(step))
+        if action == "convert":
+            flat, errors = spectral_batch(reads, rows, dtype, ks, basis, self.scratch, self.measure)
+        else:
+            out_dtype = getattr(torch, out_dtype_name)
+            flat, errors = spatial_batch(reads, rows, dtype, ks, basis, out_dtype, self.scratch, self.measure)
+        self._held += flat.numel() * flat.element_size()
+        per_kernel = flat.numel() // sum(rows)
+        offset = 0
+        for step, m, error in zip(steps, rows, errors, strict=True):
+            self._done[id(step)] = (flat[offset : offset + m * per_kernel], error)
+            offset += m * per_kernel
+
+
 def assemble(step: Step, changes: Changes) -> tuple[torch.Tensor, LayerChange]:
     """The result of :func:`execute` as one tensor, and the change made."""
     result = torch.empty(step.shape_after, dtype=getattr(torch, step.out_dtype))
@@ -209,12 +316,14 @@ def _run(state_dict: StateDict, plan: Plan) -> SurgeryResult:
     out: OrderedDict[str, Any] = OrderedDict()
     changed = []
     with Scratch() as scratch:
+        stored_of = {id(step): InMemory(state_dict[step.source_key]) for step in plan.steps}
+        batches = Batches(scratch, [(step, functools.partial(stored_of.__getitem__, id(step))) for step in plan.steps])
         for key, value in state_dict.items():
             step = steps.get(key)
             if step is None:
                 out[key] = value
                 continue
-            tensor, change = assemble(step, execute(step, InMemory(value), scratch))
+            tensor, change = assemble(step, batches.execute(step, stored_of[id(step)]))
             out[step.target_key] = tensor.to(value.device)
             changed.append(change)
     return SurgeryResult(with_records(out, plan.records, state_dict), tuple(changed), tuple(plan.skipped), plan.records)

@@ -16,6 +16,7 @@ against the input kernel) and bake's the rounding of the result to its dtype (ag
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import queue
@@ -28,7 +29,7 @@ from typing import TypeVar
 import torch
 
 from .bases import chunk_rows, padded_rows, spectral_rows, to_spatial
-from .kernels import Basis, transform_method
+from .kernels import Basis, spectral_kernel_shape, transform_method
 from .matrices import compute_dtype, product_width, row_matrices, row_width
 from .separable import synthesis_rows
 
@@ -377,3 +378,225 @@ def _relative_error(slabs: Sequence[torch.Tensor]) -> float:
     """``max diff / max scale`` over the slabs (NaN when a slab holds NaN or Inf)."""
     diff, scale = torch.stack(list(slabs)).max(dim=0).values.tolist()
     return abs(float(diff / scale if scale > 0 else diff))  # abs: never -0.0
+
+
+# ---- many small tensors at once --------------------------------------------------------------------------------
+
+#: a tensor of at most this many bytes of kernels (in the compute dtype, its rows padded as a product pads them) is
+#: transformed together with others (:func:`spectral_batch`, :func:`spatial_batch`): alone, its torch operations and
+#: Python steps would cost far more than its arithmetic (measured: 1.9 ms a tensor of 1x1x3x3 through the slabs)
+SMALL_BYTES = 1 << 18
+#: the most bytes of kernels (compute dtype, padded rows) in one batch of small tensors
+BATCH_BYTES = 1 << 20
+
+
+@functools.lru_cache(maxsize=4096)  # asked of every step, and of each again as batches are gathered
+def batch_rows(rows: int, ks: tuple[int, ...], dtype: torch.dtype) -> int:
+    """The rows that a tensor of ``rows`` kernels of ``ks`` takes in a batch (its rows padded as its own product
+    pads them), or 0 if it is transformed alone, slab by slab: no kernels, the separable method, more than one run
+    of :func:`~spectral_cli.transform.bases.chunk_rows` kernels, or more than :data:`SMALL_BYTES`."""
+    if rows == 0 or transform_method(ks) != "dense" or rows > chunk_rows(ks, "dense"):
+        return 0
+    padded = padded_rows(rows, "dense")
+    return padded if padded * math.prod(ks) * compute_dtype(dtype).itemsize <= SMALL_BYTES else 0
+
+
+class Layout:
+    """Where the kernels of several tensors lie in one product: each tensor's rows from a multiple of
+    :data:`~spectral_cli.transform.bases.ROW_MULTIPLE` (``starts``), zero rows after them, so that each row has
+    the bits that the tensor's own product gives it (the bases' products give a row bits that depend on the row
+    alone when they take a multiple of that many rows into fresh memory, whatever their number: see
+    :data:`~spectral_cli.transform.bases.ROW_MULTIPLE`). ``offsets``: each tensor's first row when their rows are
+    packed one after the other, as they are stored."""
+
+    def __init__(self, rows: Sequence[int]) -> None:
+        self.rows = list(rows)
+        padded = [padded_rows(m, "dense") for m in self.rows]
+        self.starts = list(itertools.accumulate(padded, initial=0))
+        self.total = self.starts.pop()
+        self.offsets = list(itertools.accumulate(self.rows, initial=0))
+        self.packed = self.offsets.pop()
+        counts = torch.tensor(self.rows)
+        #: the packed rows' tensor's first packed row, and its rows
+        self._first = torch.repeat_interleave(torch.tensor(self.offsets), counts)
+        self._count = torch.repeat_interleave(counts, counts)
+        #: the tensor of each row of the product
+        self.segments = torch.repeat_interleave(torch.arange(len(self.rows)), torch.tensor(padded))
+        #: the row of the product that each packed row is
+        self.valid = torch.arange(self.packed) + torch.repeat_interleave(
+            torch.tensor(self.starts) - torch.tensor(self.offsets), counts
+        )
+
+    def planes(self) -> torch.Tensor:
+        """rfft: the half rows of the tensors as stored (each tensor all its real parts, then all its imaginary
+        parts) in the order of the packed rows' halves (each row's real half, then its imaginary half)."""
+        real = torch.arange(self.packed) + self._first
+        return torch.stack((real, real + self._count), dim=1).reshape(-1)
+
+
+def spectral_batch(
+    reads: Sequence[Read],
+    rows: Sequence[int],
+    dtype: torch.dtype,
+    ks: tuple[int, ...],
+    basis: Basis,
+    scratch: Scratch,
+    measure: bool = True,
+) -> tuple[torch.Tensor, list[float]]:
+    """``to_spectral`` of several small tensors of ``dtype`` (``rows[k]`` kernels read through ``reads[k]``; see
+    :func:`batch_rows`) in one product: the results as stored (rfft: planes), one after the other in one flat
+    tensor, and the round-trip error of each (NaN when not ``measure``). Each tensor gets the bits of its own
+    :func:`spectral_pieces`."""
+    layout = Layout(rows)
+    taps, width, cdtype = math.prod(ks), row_width(ks, basis), compute_dtype(dtype)
+    columns = product_width(ks, basis, "dense")
+    with scratch.rows(layout.total * taps * dtype.itemsize, "in") as raw:
+        weight = raw.view(dtype).view(layout.total, taps)
+        weight.zero_()
+        for read, start, m in zip(reads, layout.starts, layout.rows, strict=True):
+            read(0, weight[start : start + m])
+        with scratch.rows(layout.total * columns * cdtype.itemsize, "coefficients") as product:
+            out = product.view(cdtype).view(layout.total, columns)
+            coefficients = spectral_rows(weight.to(cdtype), ks, basis, out=out, method="dense")
+            stored = coefficients.index_select(0, layout.valid).to(dtype)
+            if basis == "rfft":  # each tensor: all its real parts, then all its imaginary parts
+                planes = torch.empty(2 * layout.packed, width // 2, dtype=dtype)
+                stored = planes.index_copy_(0, layout.planes(), stored.view(-1, width // 2))
+            errors = [math.nan] * len(layout.rows)
+            if measure:  # on the stored numbers, in the rows a product takes them in
+                rounded = coefficients.to(dtype).to(cdtype) if dtype != cdtype else coefficients.contiguous()
+                errors = _round_trip_errors(rounded, weight, ks, basis, layout)
+    return stored.view(-1), errors
+
+
+def coefficient_rows(stored: torch.Tensor, layout: Layout, basis: Basis, cdtype: torch.dtype) -> torch.Tensor:
+    """Stored coefficients of several tensors (one flat tensor, one after the other, as :func:`spectral_batch`
+    gives them) as the rows of one product, in ``cdtype``: each kernel's numbers side by side (rfft: its real
+    parts, then its imaginary ones), each tensor from its row of ``layout``, zero rows between."""
+    rows = stored.view(layout.packed * (2 if basis == "rfft" else 1), -1)
+    if basis == "rfft":
+        rows = rows.index_select(0, layout.planes()).view(layout.packed, -1)
+    out = rows.new_zeros((layout.total, rows.shape[1]), dtype=cdtype)
+    return out.index_copy_(0, layout.valid, rows.to(cdtype))
+
+
+def round_trip_errors(
+    stored: torch.Tensor, kernels: torch.Tensor, layout: Layout, ks: tuple[int, ...], basis: Basis
+) -> list[float]:
+    """The round-trip error of each of several tensors: their stored coefficients (one flat tensor, one after the
+    other) baked back and rounded to the kernels' dtype, against ``kernels`` (the rows of ``layout``, zero rows
+    between), relative to them: the errors :func:`spectral_batch` measures."""
+    return _round_trip_errors(coefficient_rows(stored, layout, basis, compute_dtype(kernels.dtype)), kernels, ks,
+                              basis, layout)  # fmt: skip
+
+
+def _round_trip_errors(
+    coefficients: torch.Tensor, weight: torch.Tensor, ks: tuple[int, ...], basis: Basis, layout: Layout
+) -> list[float]:
+    """:func:`_round_trip_error` of each tensor of ``layout``: ``coefficients`` (the stored numbers, compute dtype)
+    and ``weight`` (the kernels) as rows of one product. The product takes the rows as the bases' own products do
+    (padded rows into fresh memory), so a tensor's error does not depend on the others in its batch."""
+    dtype, cdtype = weight.dtype, compute_dtype(weight.dtype)
+    width = row_width(ks, basis)
+    synthesis = row_matrices(basis, ks, cdtype).synthesis[:width]
+    back = torch.mm(coefficients[:, :width].contiguous(), synthesis)
+    if dtype != cdtype:  # compare what to_spatial would give: rounded to the stored dtype
+        back = back.to(dtype).to(cdtype)
+    diff = back.sub_(weight.to(cdtype)).abs_().amax(dim=1)
+    return _segment_errors(diff, weight.abs().amax(dim=1), layout)
+
+
+def spatial_batch(
+    reads: Sequence[Read],
+    rows: Sequence[int],
+    dtype: torch.dtype,
+    ks: tuple[int, ...],
+    basis: Basis,
+    out_dtype: torch.dtype,
+    scratch: Scratch,
+    measure: bool = True,
+) -> tuple[torch.Tensor, list[float]]:
+    """``to_spatial`` of the ``basis`` coefficients of several small tensors (``rows[k]`` kernels each, read through
+    ``reads[k]``) in one product, cast to ``out_dtype``: the kernels one after the other in one flat tensor, and
+    the rounding error of each (NaN when not ``measure``). Each tensor gets the bits of its own
+    :func:`spatial_pieces`."""
+    layout = Layout(rows)
+    x = _coefficients_in(reads, layout, dtype, ks, basis)
+    if out_dtype == torch.float64:  # asked for float64: computed in it (the reference of a bake's rounding)
+        x = x.to(torch.float64)
+    weight = to_spatial(x, ks, basis).to(out_dtype).reshape(layout.total, -1)
+    errors = _spatial_errors(weight, x, ks, basis, layout) if measure else [math.nan] * len(layout.rows)
+    return weight.index_select(0, layout.valid).view(-1), errors
+
+
+def synthesis_errors(
+    reads: Sequence[Read],
+    rows: Sequence[int],
+    dtype: torch.dtype,
+    ks: tuple[int, ...],
+    basis: Basis,
+    kernels: Sequence[Read],
+    kernel_dtype: torch.dtype,
+    *,
+    exact: bool,
+) -> list[float]:
+    """:func:`synthesis_error` of several small tensors at once (``rows[k]`` kernels each; their coefficients read
+    through ``reads[k]``, their kernels through ``kernels[k]``), with the figures of :func:`spectral_batch`
+    (``exact=False``) and :func:`spatial_batch` (``exact=True``)."""
+    layout = Layout(rows)
+    taps = math.prod(ks)
+    weight = torch.zeros(layout.total, taps, dtype=kernel_dtype)
+    for read, start, m in zip(kernels, layout.starts, layout.rows, strict=True):
+        read(0, weight[start : start + m])
+    if exact:
+        return _spatial_errors(weight, _coefficients_in(reads, layout, dtype, ks, basis), ks, basis, layout)
+    stored = torch.empty(layout.packed * row_width(ks, basis), dtype=dtype)
+    width = row_width(ks, basis)
+    for read, offset, m in zip(reads, layout.offsets, layout.rows, strict=True):
+        read(0, stored[offset * width : (offset + m) * width])
+    return round_trip_errors(stored, weight, layout, ks, basis)
+
+
+def _coefficients_in(
+    reads: Sequence[Read], layout: Layout, dtype: torch.dtype, ks: tuple[int, ...], basis: Basis
+) -> torch.Tensor:
+    """The stored coefficients of the tensors of ``layout`` as ``to_spatial`` takes them: rfft ``(2, rows,
+    *bins)``, rdft ``(rows, *ks)``, each tensor from its row of the layout, zero rows between."""
+    trailing = spectral_kernel_shape(ks, basis)
+    width = row_width(ks, basis)
+    stored = torch.empty(layout.packed * width, dtype=dtype)
+    for read, offset, m in zip(reads, layout.offsets, layout.rows, strict=True):
+        read(0, stored[offset * width : (offset + m) * width])
+    rows = coefficient_rows(stored, layout, basis, dtype)
+    if basis == "rfft":
+        return rows.view(layout.total, 2, *trailing).transpose(0, 1)
+    return rows.view(layout.total, *trailing)
+
+
+def _spatial_errors(
+    weight: torch.Tensor, x: torch.Tensor, ks: tuple[int, ...], basis: Basis, layout: Layout
+) -> list[float]:
+    """:func:`_slab_error` of each tensor of ``layout``: ``weight`` (its kernels, rows of the layout) against the
+    float64 synthesis of ``x`` (its coefficients, as ``to_spatial`` takes them)."""
+    expected = to_spatial(x.to(torch.float64), ks, basis).reshape(layout.total, -1)
+    dtype = torch.promote_types(weight.dtype, torch.float64)
+    diff = (weight.to(dtype) - expected).abs_().amax(dim=1)
+    return _segment_errors(diff, expected.abs().amax(dim=1), layout)
+
+
+def _segment_errors(diff: torch.Tensor, scale: torch.Tensor, layout: Layout) -> list[float]:
+    """``max diff / max scale`` over each tensor's rows (``diff`` and ``scale`` per row of ``layout``, at least 0 or
+    NaN; zero rows count for nothing), as :func:`_relative_error` gives it for one tensor: NaN where a row is."""
+    diffs, scales = _segment_max(diff, layout), _segment_max(scale, layout)
+    return [abs(d / s if s > 0 else d) for d, s in zip(diffs, scales, strict=True)]
+
+
+def _segment_max(values: torch.Tensor, layout: Layout) -> list[float]:
+    """The largest of ``values`` (per row of ``layout``: at least 0, or NaN) over each tensor's rows, in float64;
+    NaN where one is NaN (a scatter's maximum need not say so: counted apart)."""
+    values = values.double()
+    nan = torch.isnan(values)
+    top = torch.zeros(len(layout.rows), dtype=torch.float64)
+    top.scatter_reduce_(0, layout.segments, values.masked_fill(nan, 0.0), "amax")
+    nans = torch.zeros(len(layout.rows), dtype=torch.float64).index_add_(0, layout.segments, nan.double())
+    return top.masked_fill_(nans > 0, math.nan).tolist()
