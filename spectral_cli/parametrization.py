@@ -151,6 +151,10 @@ def _is_masked(module: nn.Module, weight: torch.Tensor) -> bool:
 
 def _computed_weight(module: nn.Module) -> str:
     """Why a conv's ``weight`` is not a parameter of its own: an old-style hook computes it before each forward."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    if any(isinstance(h, BasePruningMethod) for h in module._forward_pre_hooks.values()):
+        return 'pruned (weight_orig, weight_mask); make it permanent: torch.nn.utils.prune.remove(module, "weight")'
     hooks = {type(h).__name__ for h in module._forward_pre_hooks.values()}
     if "WeightNorm" in hooks:
         return "old-style weight_norm hook (weight_g, weight_v); use torch.nn.utils.parametrizations.weight_norm"

@@ -16,7 +16,8 @@ JSON schema (version 1), stable; new fields may be added, none removed or rename
     {"schema": 1, "command": "inspect", "file": str,
      "format": "torch" | "torch-legacy" | "safetensors" | "safetensors-sharded" | "dcp" | "directory",
      "layers": [{"name", "location", "key",
-                 "domain": "spectral" | "spatial" | "weight_norm" | "spectral_norm" | "parametrized",
+                 "domain": "spectral" | "spatial" | "weight_norm" | "spectral_norm" | "pruned"
+                 | "parametrized",
                  "basis": "rfft" | "rdft" | null, "kernel_size": [int] | null, "shape": [int], "dtype": str,
                  "params": int, "inferred": bool, "energy": [float] | null}],
      "totals": {"layers": int, "spectral": int, "params": int, "bytes": int}}
@@ -28,7 +29,7 @@ JSON schema (version 1), stable; new fields may be added, none removed or rename
      "layers": [{"name", "location", "source_key", "key", "domain": "spectral" | "spatial", "basis",
                  "kernel_size", "shape_before", "shape", "dtype", "params_before", "params", "max_error",
                  "inferred"}],
-     "skipped": [{"location", "key", "reason"}], "dropped": [str], "warnings": [str], "max_error": float | null}
+     "skipped": [{"location", "key", "reason", "fix"}], "dropped": [str], "warnings": [str], "max_error": float | null}
 
 Errors print ``{"schema": 1, "error": str, "exit_code": int}`` on stdout with ``--json``.
 """
@@ -362,7 +363,7 @@ def file_report_json(command: str, report: FileReport, dry_run: bool) -> dict[st
             }
             for loc, c in report.changed
         ],
-        "skipped": [{"location": loc, "key": s.key, "reason": s.reason} for loc, s in report.skipped],
+        "skipped": [{"location": loc, "key": s.key, "reason": s.reason, "fix": s.fix} for loc, s in report.skipped],
         "dropped": report.dropped,
         "warnings": report.warnings,
         "max_error": max(errors) if errors and all(math.isfinite(e) for e in errors) else None,
@@ -407,10 +408,10 @@ def file_report_summary(command: str, report: FileReport) -> str:
     worst = _error(max(errors)) if errors and all(math.isfinite(e) for e in errors) else "n/a"
     target = printable(report.target)
     if report.written:
-        where = f"verified {report.verified} tensors; wrote {target}"
+        where = f"verified {report.verified:,} tensors; wrote {target}"
     else:
         where = f"dry run, would write {target}"
-    return f"{verb} {len(report.changed)} layers, skipped {len(report.skipped)}; max error {worst}; {where}"
+    return f"{verb} {len(report.changed):,} layers, skipped {len(report.skipped):,}; max error {worst}; {where}"
 
 
 def _finite_or_none(values: list[float] | None) -> list[float] | None:
@@ -481,6 +482,6 @@ def inspect_lines(report: InspectReport, width: int, g: Glyphs = UNICODE) -> lis
 def inspect_summary(report: InspectReport) -> str:
     spectral = sum(1 for _, i in report.layers if i.domain == "spectral")
     return (
-        f"{len(report.layers)} layers listed ({spectral} spectral); "
+        f"{len(report.layers):,} layers listed ({spectral:,} spectral); "
         f"{report.total_params:,} parameters, {report.total_bytes:,} bytes of tensors"
     )

@@ -51,11 +51,11 @@ from spectral_cli import __version__, register_spectral_parametrization
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
 
 SUMMARY = re.compile(
-    r"^(converted|baked) (\d+) layers, skipped (\d+); max error (\S+); "
-    r"(?:verified \d+ tensors; )?(wrote|dry run, would write) (.+)$"
+    r"^(converted|baked) ([\d,]+) layers, skipped ([\d,]+); max error (\S+); "
+    r"(?:verified [\d,]+ tensors; )?(wrote|dry run, would write) (.+)$"
 )
 INSPECT_SUMMARY = re.compile(
-    r"^(\d+) layers listed \((\d+) spectral\); [\d,]+ parameters, [\d,]+ bytes of tensors(; pass --all .*)?$"
+    r"^([\d,]+) layers listed \(([\d,]+) spectral\); [\d,]+ parameters, [\d,]+ bytes of tensors(; pass --all .*)?$"
 )
 
 

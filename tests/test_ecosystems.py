@@ -17,6 +17,7 @@ import pytest
 import torch
 from models import assert_same_outputs, listing, one_line, parse_json, read, sha256, spectral
 from torch import nn
+from torch.nn.utils import prune
 
 from spectral_cli import load_spectral, register_spectral_parametrization
 
@@ -149,12 +150,15 @@ def test_old_style_weight_norm_and_spectral_norm_are_skipped_before_anything_cha
             nn.utils.weight_norm(nn.Conv2d(4, 4, 3)),
             nn.utils.spectral_norm(nn.Conv2d(4, 4, 3)),
             nn.Conv2d(4, 4, 3),
+            nn.Conv2d(4, 4, 3),
         )
+    prune.l1_unstructured(net[4], "weight", amount=0.5)
     reference = {k: v.clone() for k, v in net.state_dict().items()}
     registration = register_spectral_parametrization(net)
     assert registration.changed == ("0", "3")
     reasons = dict(registration.skipped)
     assert reasons["1"].startswith("old-style weight_norm") and reasons["2"].startswith("old-style spectral_norm")
+    assert reasons["4"].startswith("pruned") and 'torch.nn.utils.prune.remove(module, "weight")' in reasons["4"]
     assert register_spectral_parametrization(net, undo=True).changed == ("0", "3")
     for key, value in net.state_dict().items():
         assert torch.allclose(value, reference[key], atol=1e-6), key
@@ -162,7 +166,7 @@ def test_old_style_weight_norm_and_spectral_norm_are_skipped_before_anything_cha
     result = spectral("inspect", tmp_path / "hooks.pt", "--all", "--json")
     assert result.exit_code == 0, result.stderr
     domains = {layer["name"]: layer["domain"] for layer in parse_json(result.stdout)["layers"]}
-    assert domains == {"0": "spatial", "1": "weight_norm", "2": "spectral_norm", "3": "spatial"}
+    assert domains == {"0": "spatial", "1": "weight_norm", "2": "spectral_norm", "3": "spatial", "4": "pruned"}
     result = spectral("convert", tmp_path / "hooks.pt", "--json")
     assert result.exit_code == 0, result.stderr
     assert [layer["name"] for layer in parse_json(result.stdout)["layers"]] == ["0", "3"]

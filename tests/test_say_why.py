@@ -147,6 +147,11 @@ def test_a_mixed_checkpoint_lists_every_kernel_it_does_not_convert(tmp_path: Pat
         "to bfloat16",
     ):
         assert fix in fixes, fixes
+    # each skipped entry carries its own fix (the one its kind's warning says)
+    per_key = {s["key"]: s["fix"] for s in doc["skipped"]}
+    assert 'torch.nn.utils.prune.remove(module, "weight")' in per_key["pruned.weight_orig"]
+    assert "to bfloat16" in per_key["f8.weight"] and WEIGHT_NORM_FIX in per_key["wn.parametrizations.weight.original1"]
+    assert all(fix and fix in fixes for fix in per_key.values()), per_key
     assert len(doc["warnings"]) == 5  # one per fix: parametrizations, two old hooks, pruned, float8
     assert doc["warnings"][0].startswith("2 layers skipped (weight_norm parametrization, spectral_norm "
                                          "parametrization): to convert them, remove it")  # fmt: skip

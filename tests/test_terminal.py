@@ -29,7 +29,7 @@ from spectral_cli.statedict.plan import LayerInfo, Skipped
 from spectral_cli.statedict.surgery import LayerChange
 
 GOLDEN = Path(__file__).parent / "golden"
-SUMMARY = re.compile(r"^(converted|baked) (\d+) layers, skipped (\d+); max error \S+; .*(wrote|would write) .+$")
+SUMMARY = re.compile(r"^(converted|baked) ([\d,]+) layers, skipped ([\d,]+); max error \S+; .*(wrote|would write) .+$")
 INSPECT_SUMMARY = re.compile(r"^(\d+) layers listed \(\d+ spectral\); [\d,]+ parameters, [\d,]+ bytes of tensors")
 #: a max error differs in its last bits from machine to machine: goldens hold this instead (the same width)
 ERROR = re.compile(r"\d\.\de[-+]\d\d")
@@ -409,7 +409,7 @@ def test_a_table_of_100000_layers_is_summarized(
     skipped = [line for line in lines if "skipped: " in line]
     assert len(skipped) == render.FIRST_SKIPPED
     assert " … 99,990 more skipped (1x1 kernel: 66,660, excluded: 33,330); --json lists all" in lines
-    assert lines[-1].startswith("converted 100000 layers, skipped 100000; max error 1.0e-07; verified 100000")
+    assert lines[-1].startswith("converted 100,000 layers, skipped 100,000; max error 1.0e-07; verified 100,000")
 
     doc = json.loads(_printed(capsys, "convert", huge, True, False))
     assert len(doc["layers"]) == N and len(doc["skipped"]) == N

@@ -352,7 +352,8 @@ class LayerInfo:
 
     ``domain`` is ``"spectral"``, ``"spatial"`` (a convertible conv kernel), ``"weight_norm"`` (the
     parametrization, or the old-style hook's ``weight_g``/``weight_v``), ``"spectral_norm"`` (the parametrization,
-    or the old-style hook's ``weight_orig``) or ``"parametrized"`` (another or unknown parametrization). A conv
+    or the old-style hook's ``weight_orig``), ``"pruned"`` (``torch.nn.utils.prune``'s ``weight_orig``, listed by
+    it: the mask is a buffer) or ``"parametrized"`` (another or unknown parametrization). A conv
     under weight_norm is listed by its direction (``original1``, ``weight_v``: the kernel's shape), not its
     magnitude. ``inferred`` marks a spectral layer whose kernel size was read from its shape (no record): a square
     kernel, the only consistent guess.
@@ -388,9 +389,8 @@ def describe(
                                     step.inferred))  # fmt: skip
         elif (found := _parametrized(key, spec, specs)) is not None:
             name, reason = found
-            domain = next((d for d in ("weight_norm", "spectral_norm") if d in reason), "parametrized")
-            if not reason.startswith("pruned"):
-                layers.append(LayerInfo(name, key, domain, None, tuple(spec.shape[2:]), spec.shape, spec.dtype))
+            domain = next((d for d in ("weight_norm", "spectral_norm", "pruned") if d in reason), "parametrized")
+            layers.append(LayerInfo(name, key, domain, None, tuple(spec.shape[2:]), spec.shape, spec.dtype))
         elif ".parametrizations." in f".{key}" and not 3 <= len(spec.shape) <= 5:  # not a kernel's: a linear's...
             leaf = key.rsplit(".", 1)[-1]
             weight_norm = leaf in ("original0", "original1") and all(f"{key[:-1]}{i}" in specs for i in "01")
