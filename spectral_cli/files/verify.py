@@ -22,7 +22,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -299,7 +299,7 @@ def _equal(a: Any, b: Any) -> bool:
         return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, torch.nn.Module):  # a trusted pickle's module: equal by its class and its state
         return type(a) is type(b) and _equal(a.state_dict(), b.state_dict())
-    if type(a).__eq__ is object.__eq__ and hasattr(a, "__dict__"):  # identity is all == says: compare attributes
+    if type(a).__eq__ is cast(Any, object.__eq__) and hasattr(a, "__dict__"):  # == is identity: compare attributes
         return type(a) is type(b) and hasattr(b, "__dict__") and _equal(vars(a), vars(b))
     try:
         return a is b or bool(a == b) or (a != a and b != b)  # NaN floats
