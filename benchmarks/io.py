@@ -418,7 +418,7 @@ def _ablated(ablations: list[str]) -> Any:
     import dataclasses
 
     import spectral_cli.files.convert
-    from spectral_cli.files.convert import Io
+    from spectral_cli.files.checkpoint import Io
     from spectral_cli.files.syscalls import SYSCALLS
     from spectral_cli.files.verify import Verified
 

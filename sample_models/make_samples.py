@@ -145,7 +145,7 @@ def lightning_checkpoint(model: nn.Module) -> dict[str, Any]:
 
 def make_samples(out: Path) -> list[Path]:
     """Write every sample into ``out``; return their paths."""
-    from spectral_cli.files.convert import Options, convert_file
+    from spectral_cli import convert_file
 
     out.mkdir(parents=True, exist_ok=True)
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -160,7 +160,7 @@ def make_samples(out: Path) -> list[Path]:
         paths.append(out / name)
     # The converted sample goes through the package itself (atomic write, read back and compared).
     spectral = out / "balle.spectral.pt"
-    convert_file(out / "balle.pt", Options(output=spectral, force=True))
+    convert_file(out / "balle.pt", output=spectral, force=True)
     paths.append(spectral)
     return paths
 

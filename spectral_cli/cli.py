@@ -7,7 +7,7 @@ line on stderr and the exit code of its :class:`~spectral_cli.errors.SpectralErr
 is an exit-2 error that ``--json`` reports as JSON too. Set ``SPECTRAL_DEBUG=1`` to see tracebacks.
 
 Tests run the app with ``CliRunner().invoke(app, args, obj=Io(...))``: the context object, when it is a
-:class:`~spectral_cli.files.convert.Io`, replaces the system calls and piece sizes of convert and bake (the seam
+:class:`~spectral_cli.files.checkpoint.Io`, replaces the system calls and piece sizes of convert and bake (the seam
 where faults are injected).
 """
 
@@ -124,15 +124,16 @@ def _transform(ctx: typer.Context, command: str, input: Path, as_json: bool, qui
     import gc
     from dataclasses import replace
 
-    from .files.convert import Io, Options, bake_file, convert_file
+    from .files.checkpoint import Io
+    from .files.convert import Options, bake, convert
 
     # the imports' objects (torch's: hundreds of thousands) live as long as this process: frozen, the collector
     # stops walking them at each full collection (measured: 8% of a convert's CPU time)
     gc.freeze()
     io = ctx.obj if isinstance(ctx.obj, Io) else Io()
     with console.progress(not (quiet or as_json), "converting" if command == "convert" else "baking") as progress:
-        chosen: Options = replace(Options(**options), progress=progress, io=io)
-        report = (convert_file if command == "convert" else bake_file)(input, chosen)
+        chosen: Options = replace(Options(**options), progress=progress)
+        report = (convert if command == "convert" else bake)(input, chosen, io)
     try:
         _print_report(command, report, as_json, chosen.dry_run, quiet)
     except typer.Exit:  # the reader of stdout went away: console.emit chose the exit code

@@ -54,7 +54,8 @@ from torch import nn
 from typer.testing import Result
 
 from spectral_cli import bake_state_dict
-from spectral_cli.files.convert import Io, Options, convert_file
+from spectral_cli.files.checkpoint import Io
+from spectral_cli.files.convert import convert_file
 from spectral_cli.files.syscalls import SYSCALLS
 
 MARKER = "pwned"
@@ -246,14 +247,14 @@ def _nan_weights(work: Path) -> Path:
 
 def _nan_spectral(work: Path) -> Path:
     torch.save(_nan_state(), work / "nan_src.pt")
-    convert_file(work / "nan_src.pt", Options(output=work / "nan.spectral.pt"))
+    convert_file(work / "nan_src.pt", output=work / "nan.spectral.pt")
     (work / "nan_src.pt").unlink()
     return work / "nan.spectral.pt"
 
 
 def _spectral_safetensors(work: Path) -> Path:
     copy_samples(work, ["balle.safetensors"])
-    convert_file(work / "balle.safetensors", Options(output=work / "balle.spectral.safetensors"))
+    convert_file(work / "balle.safetensors", output=work / "balle.spectral.safetensors")
     (work / "balle.safetensors").unlink()
     return work / "balle.spectral.safetensors"
 

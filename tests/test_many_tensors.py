@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 import spectral_cli.files.convert as convert_module
 from spectral_cli import bake_state_dict, convert_state_dict
 from spectral_cli.files import safetensors_io
-from spectral_cli.statedict.surgery import InMemory
+from spectral_cli.statedict.surgery import MemoryTensor
 from spectral_cli.transform.slabs import (
     Layout,
     Scratch,
@@ -125,22 +125,22 @@ def test_a_batch_gives_each_tensor_the_bits_and_error_of_its_own_transform(
     kernels = _tensors(rows, ks, dtype, seed=len(ks) * 7 + len(str(dtype)))
     kernels[3].view(-1)[5] = float("nan")
     with Scratch() as scratch:
-        stored, errors = spectral_batch([InMemory(k).read for k in kernels], rows, dtype, ks, basis, scratch)
+        stored, errors = spectral_batch([MemoryTensor(k).read for k in kernels], rows, dtype, ks, basis, scratch)
         flat = stored.view(torch.uint8).numpy().tobytes()
         offset = 0
         for k, m in zip(kernels, rows, strict=True):
             nbytes = m * (stored.numel() // sum(rows)) * dtype.itemsize
-            alone, _ = _alone(spectral_pieces(InMemory(k).read, tuple(k.shape), dtype, ks, basis, scratch), nbytes)
+            alone, _ = _alone(spectral_pieces(MemoryTensor(k).read, tuple(k.shape), dtype, ks, basis, scratch), nbytes)
             assert flat[offset : offset + nbytes] == alone
             offset += nbytes
         # the verification's batched figures are the transform's, whatever the tensors batched with them
         layout = Layout(rows)
         width = stored.numel() // sum(rows)
         coefficient = [stored[o * width : (o + m) * width] for o, m in zip(layout.offsets, rows, strict=True)]
-        reads = [InMemory(c).read for c in coefficient]
+        reads = [MemoryTensor(c).read for c in coefficient]
         order = list(reversed(range(len(rows))))  # other neighbours, other places in the product
         again = synthesis_errors([reads[i] for i in order], [rows[i] for i in order], dtype, ks, basis,
-                                 [InMemory(kernels[i]).read for i in order], dtype, exact=False)  # fmt: skip
+                                 [MemoryTensor(kernels[i]).read for i in order], dtype, exact=False)  # fmt: skip
         assert [again[order.index(i)] for i in range(len(rows))] == pytest.approx(errors, nan_ok=True, abs=0, rel=0)
         assert math.isnan(errors[3]) and all(math.isfinite(e) for i, e in enumerate(errors) if i != 3)
 
@@ -151,12 +151,12 @@ def test_a_batch_gives_each_tensor_the_bits_and_error_of_its_own_transform(
         for c, m, error in zip(coefficient, rows, bake_errors, strict=True):
             nbytes = m * math.prod(ks) * out_dtype.itemsize
             shape = _coefficient_shape(m, ks, basis)
-            pieces = spatial_pieces(InMemory(c.view(shape)).read, shape, dtype, ks, basis, out_dtype, scratch)
+            pieces = spatial_pieces(MemoryTensor(c.view(shape)).read, shape, dtype, ks, basis, out_dtype, scratch)
             alone, alone_error = _alone(pieces, nbytes)
             assert flat[offset : offset + nbytes] == alone
             assert error == alone_error or (math.isnan(error) and math.isnan(alone_error))
             offset += nbytes
-        written = [InMemory(kernels_back[o * math.prod(ks) : (o + m) * math.prod(ks)]).read
+        written = [MemoryTensor(kernels_back[o * math.prod(ks) : (o + m) * math.prod(ks)]).read
                    for o, m in zip(layout.offsets, rows, strict=True)]  # fmt: skip
         checked = synthesis_errors(reads, rows, dtype, ks, basis, written, out_dtype, exact=True)
         assert checked == pytest.approx(bake_errors, nan_ok=True, abs=0, rel=0)

@@ -2,7 +2,7 @@
 progress, start-up.
 
 Nothing here is timed (the figures are in ``benchmarks/``). Convert splits each kernel into slabs of rows; the
-slab size is made tiny here (through :class:`~spectral_cli.files.convert.Io`, the seam every run here gets) so
+slab size is made tiny here (through :class:`~spectral_cli.files.checkpoint.Io`, the seam every run here gets) so
 that every tensor is cut many times, at ragged boundaries.
 """
 
@@ -29,9 +29,8 @@ import spectral_cli.console as console
 import spectral_cli.files.safetensors_io as safetensors_io
 import spectral_cli.transform.bases as bases
 from spectral_cli.files.atomic import Output
-from spectral_cli.files.convert import FileReport, Io, Options
-from spectral_cli.files.convert import bake_file as _bake_file
-from spectral_cli.files.convert import convert_file as _convert_file
+from spectral_cli.files.checkpoint import Io
+from spectral_cli.files.convert import FileReport, Options, bake, convert
 from spectral_cli.files.syscalls import SYSCALLS
 from spectral_cli.statedict.records import METADATA_KEY, parse_records
 from spectral_cli.statedict.surgery import LayerChange, bake_state_dict, convert_state_dict
@@ -49,11 +48,11 @@ def _tiny_runs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def convert_file(source: Path, output: Path, io: Io = TINY, **options: Any) -> FileReport:
-    return _convert_file(source, Options(output=output, io=io, **options))
+    return convert(source, Options(output=output, **options), io)
 
 
 def bake_file(source: Path, output: Path, io: Io = TINY, **options: Any) -> FileReport:
-    return _bake_file(source, Options(output=output, io=io, **options))
+    return bake(source, Options(output=output, **options), io)
 
 
 def spectral(*args: Any) -> Any:

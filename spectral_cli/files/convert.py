@@ -30,50 +30,26 @@ import gc
 import glob
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from ..errors import NothingToDoError, RefusedError, SpectralError, in_file
-from ..statedict.keys import TensorSpec
+from ..errors import NothingToDoError, SpectralError, in_file
 from ..statedict.plan import Plan, Skipped, Step, plan_bake, plan_convert, skip_fixes
-from ..statedict.records import METADATA_KEY
-from ..statedict.surgery import Batches, Changes, LayerChange, assemble, with_records
+from ..statedict.surgery import Batches, Changes, LayerChange, assemble
 from ..transform.kernels import DEFAULT_BASIS
-from ..transform.slabs import SLAB_BYTES, Scratch
+from ..transform.slabs import Scratch
 from .atomic import Output
-from .formats import (
-    DCP,
-    MODEL_DIR,
-    SAFETENSORS,
-    SHARDED,
-    TORCH,
-    TORCH_SUFFIXES,
-    check_output,
-    default_output,
-    output_format,
-    refuse_adapter,
-)
-from .safetensors_io import WRITEBACK_BYTES, file_metadata, refuse_unstorable, verify_header, write_safetensors
-from .sources import Part, Source, open_source
-from .syscalls import SYSCALLS, Syscalls
+from .checkpoint import Io, Part, Planned, Sink, Source, Tick, Writing
+from .formats import check_output, default_output, refuse_adapter, writer_format
+from .registry import format_of, open_source
 from .verify import Verified, verify_output
 
 #: ``progress(bytes_done, bytes_total, tensors_done, tensors_total)``, called as a safetensors output is written
 Progress = Callable[[int, int, int, int], None]
 
 Action = Literal["convert", "bake"]
-
-
-@dataclass(frozen=True)
-class Io:
-    """How files are read and written: the system calls (the seam where tests inject faults) and the sizes of
-    the pieces: slabs of kernels transformed at once, bytes written between two background syncs."""
-
-    syscalls: Syscalls = SYSCALLS
-    slab_bytes: int = SLAB_BYTES
-    writeback_bytes: int = WRITEBACK_BYTES
 
 
 @dataclass(frozen=True)
@@ -92,7 +68,6 @@ class Options:
     #: write safetensors shards of at most this many bytes, and an index
     max_shard_size: int | None = None
     progress: Progress | None = None
-    io: Io = field(default_factory=Io)
 
 
 @dataclass
@@ -114,12 +89,52 @@ class FileReport:
     message: str = ""
 
 
-def convert_file(source: Path | str, options: Options | None = None) -> FileReport:
-    """Convert a checkpoint's conv kernels to spectral tensors and write the result next to it (or to
-    ``options.output``). Raises :class:`~spectral_cli.errors.NothingToDoError` if there are none; a file already
-    converted gives a report with ``message`` and writes nothing."""
-    refuse_adapter(Path(source))
-    report = _transform("convert", Path(source), options or Options())
+def convert_file(
+    source: Path | str,
+    *,
+    output: Path | str | None = None,
+    basis: str = DEFAULT_BASIS,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    trust_pickle: bool = False,
+    max_shard_size: int | None = None,
+    progress: Progress | None = None,
+) -> FileReport:
+    """Convert a checkpoint's conv kernels to spectral tensors and write the result next to it (or to ``output``),
+    as ``spectral convert`` does (its options by the same names). Raises
+    :class:`~spectral_cli.errors.NothingToDoError` if there are none; a file already converted gives a report with
+    ``message`` and writes nothing."""
+    options = Options(output, basis, include, exclude, None, dry_run, force, trust_pickle, max_shard_size, progress)
+    return convert(Path(source), options)
+
+
+def bake_file(
+    source: Path | str,
+    *,
+    output: Path | str | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    kernel_size: tuple[int, ...] | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    trust_pickle: bool = False,
+    max_shard_size: int | None = None,
+    progress: Progress | None = None,
+) -> FileReport:
+    """Bake every spectral tensor of a checkpoint back to a spatial weight in its original dtype, as ``spectral
+    bake`` does; ``kernel_size`` is for record-less tensors whose shape does not tell it."""
+    options = Options(output, DEFAULT_BASIS, include, exclude, kernel_size, dry_run, force, trust_pickle,
+                      max_shard_size, progress)  # fmt: skip
+    return bake(Path(source), options)
+
+
+def convert(path: Path, options: Options, io: Io | None = None) -> FileReport:
+    """:func:`convert_file` with its options in one object, and ``io`` the system calls and piece sizes (the seam
+    of the CLI and the tests)."""
+    refuse_adapter(path)
+    report = _transform("convert", path, options, io or Io())
     report.warnings += skip_fixes(skip for _, skip in report.skipped)
     if not report.changed:
         already = [s for _, s in report.skipped if s.reason == "already spectral"]
@@ -127,47 +142,26 @@ def convert_file(source: Path | str, options: Options | None = None) -> FileRepo
             report.message = f"nothing to convert: {len(already)} layers are already spectral; no file written"
             return report
         raise NothingToDoError(
-            f"{source}: no convertible conv kernels (float weights of rank 3 to 5 with more "
+            f"{path}: no convertible conv kernels (float weights of rank 3 to 5 with more "
             f"than one tap){_skip_summary(report)}; nothing to convert"
         )
     return report
 
 
-def bake_file(source: Path | str, options: Options | None = None) -> FileReport:
-    """Bake every spectral tensor of a checkpoint back to a spatial weight in its original dtype."""
-    report = _transform("bake", Path(source), options or Options())
+def bake(path: Path, options: Options, io: Io | None = None) -> FileReport:
+    """:func:`bake_file` with its options in one object, and ``io`` as for :func:`convert`."""
+    report = _transform("bake", path, options, io or Io())
     if not report.changed:
-        raise NothingToDoError(f"{source}: no spectral tensors{_skip_summary(report)}; nothing to bake")
+        raise NothingToDoError(f"{path}: no spectral tensors{_skip_summary(report)}; nothing to bake")
     return report
 
 
 # ---- the pipeline --------------------------------------------------------------------------------------------
 
-#: a step run on its part's tensor: the result in pieces, and the change made
-Run = Callable[[Part, Step], Changes]
-#: ``tick(nbytes, tensor_done)``: a piece of the output written
-Tick = Callable[[int, bool], None]
 
-
-@dataclass
-class Sink:
-    """Where the output goes, and how it is written: ``write(output, run, tick)`` writes it and returns the check
-    of the finished temporary (run before the rename)."""
-
-    target: Path
-    format: str
-    directory: bool
-    write: Callable[[Output, Run, Tick], Callable[[Path], None]]
-    total_bytes: int = 0
-    total_tensors: int = 0
-    dropped: list[str] = field(default_factory=list)
-    #: the steps in the order ``write`` runs them, where it is known (small tensors are then run in batches)
-    order: list[tuple[Part, Step]] | None = None
-
-
-def _transform(action: Action, path: Path, options: Options) -> FileReport:
+def _transform(action: Action, path: Path, options: Options, io: Io) -> FileReport:
     with _collector_paused():
-        return _transform_file(action, path, options)
+        return _transform_file(action, path, options, io)
 
 
 @contextlib.contextmanager
@@ -185,14 +179,14 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _transform_file(action: Action, path: Path, options: Options) -> FileReport:
-    with contextlib.closing(open_source(path, trust_pickle=options.trust_pickle, syscalls=options.io.syscalls)) as src:
+def _transform_file(action: Action, path: Path, options: Options, io: Io) -> FileReport:
+    with contextlib.closing(open_source(path, trust_pickle=options.trust_pickle, syscalls=io.syscalls)) as src:
         plans = [(part, _planned(action, src.path, part, options)) for part in src.parts]
         report = FileReport(path, None, src.format, None)
         report.skipped = [(part.where, skip) for part, plan in plans for skip in plan.skipped]
         if not any(plan.steps for _, plan in plans):
             return report
-        sink = _sink(src, plans, options, "spectral" if action == "convert" else "baked")
+        sink = _sink(src, plans, options, io, "spectral" if action == "convert" else "baked")
         report.target, report.output_format, report.dropped = sink.target, sink.format, sink.dropped
         if sink.dropped:
             report.warnings.append(
@@ -200,7 +194,7 @@ def _transform_file(action: Action, path: Path, options: Options) -> FileReport:
                 "rebuild the optimizer after loading"
             )
         check_output(src.inputs(), sink.target, force=options.force, directory=sink.directory)
-        with Scratch(options.io.slab_bytes) as scratch:
+        with Scratch(io.slab_bytes) as scratch:
             asked = sink.order if sink.order is not None and not options.dry_run else [
                 (part, step) for part, plan in plans for step in plan.steps]  # fmt: skip
             tensors = [(step, functools.partial(part.tensor, step.source_key)) for part, step in asked]
@@ -216,7 +210,6 @@ def _transform_file(action: Action, path: Path, options: Options) -> FileReport:
                     for step in plan.steps:
                         assemble(step, run(part, step))
             else:
-                io = options.io
                 with Output(sink.target, directory=sink.directory, syscalls=io.syscalls, inputs=src.inputs()) as out:
                     verify = sink.write(out, run, _ticker(options.progress, sink))
 
@@ -267,220 +260,13 @@ def _prefixed(patterns: Sequence[str] | None, prefix: str) -> list[str] | None:
     return None if patterns is None else [glob.escape(prefix) + p for p in patterns]
 
 
-def _sink(src: Source, plans: list[tuple[Part, Plan]], options: Options, tag: str) -> Sink:
-    """Choose the output (its name, format and layout) and check that the input can go there."""
+def _sink(src: Source, plans: Planned, options: Options, io: Io, tag: str) -> Sink:
+    """The writer of the output: its format by one rule (:func:`~.formats.writer_format`), its name given or
+    made from the input's, its module found in the table of formats."""
     out = None if options.output is None else Path(options.output)
-    if src.format == MODEL_DIR:
-        return _directory_sink(src, plans, out or default_output(src.path, tag, MODEL_DIR), options)
-    sharded_in = src.format == SHARDED
-    if options.max_shard_size is not None or (sharded_in and (out is None or out.suffix != ".safetensors")):
-        if src.format not in (SAFETENSORS, SHARDED):
-            raise RefusedError(f"{src.path}: --max-shard-size writes safetensors shards; it needs a safetensors input")
-        if out is not None and output_format(out, SAFETENSORS) != SAFETENSORS:
-            raise RefusedError(f"{out}: safetensors shards are written as safetensors; give -o a directory or a "
-                               ".safetensors file")  # fmt: skip
-        return _shards_sink(src, plans[0], out or default_output(src.path, tag, SHARDED), options)
-    if src.format == DCP and (out is None or output_format(out, DCP) == DCP):
-        return _dcp_sink(src, plans, out or default_output(src.path, tag, DCP), options)
-    target = out or default_output(src.path, tag, output_format(src.path, src.format))
-    if output_format(target, src.format) == SAFETENSORS:
-        return _safetensors_sink(src, plans, target, options)
-    return _torch_sink(src, plans, target, options)
-
-
-def _produce(part: Part, plan: Plan, run: Run) -> Callable[[str], Any]:
-    """The output's tensor of each name: a step's pieces, or the input's tensor carried over."""
-    by_target = {s.target_key: s for s in plan.steps}
-
-    def produce(key: str) -> Any:
-        step = by_target.get(key)
-        return run(part, step) if step is not None else part.tensor(key)
-
-    return produce
-
-
-def _safetensors_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options: Options) -> Sink:
-    whole = plans[0][0].location == () or src.format == DCP  # a DCP model's state dict may be written alone
-    if len(plans) != 1 or not whole:
-        raise RefusedError(f"{target}: safetensors holds only tensors, and {src.path} is a container; write a .pt file")
-    part, plan = plans[0]
-    if part.values is not None:
-        refuse_unstorable(part.values, target)
-    specs = _by_name(plan.output_specs(part.specs))
-    metadata = file_metadata(src.metadata(), plan.records)
-
-    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
-        header = write_safetensors(output.file(), specs, metadata, _produce(part, plan, run), tick,
-                                   options.io.writeback_bytes)  # fmt: skip
-        return lambda written: verify_header(written, specs, metadata, target, header)
-
-    return Sink(target, SAFETENSORS, False, write, _total(specs), len(specs), order=_ordered(part, plan, specs))
-
-
-def _ordered(part: Part, plan: Plan, keys: Iterable[str]) -> list[tuple[Part, Step]]:
-    """The steps of ``plan`` in the order of their target ``keys``, as a writer of those keys runs them."""
-    by_target = {s.target_key: s for s in plan.steps}
-    return [(part, by_target[key]) for key in keys if key in by_target]
-
-
-def _shards_sink(src: Source, planned: tuple[Part, Plan], target: Path, options: Options) -> Sink:
-    from .formats import INDEX_SUFFIX
-    from .shards import shard_layout, stem_of, write_shards
-
-    part, plan = planned
-    specs = _by_name(plan.output_specs(part.specs))
-    source_of = {s.target_key: s.source_key for s in plan.steps}
-    owner: dict[str, str] = getattr(src, "owner", {})
-    stem = stem_of(src)
-    layout = shard_layout(specs, options.max_shard_size, lambda key: owner.get(source_of.get(key, key)), stem)
-
-    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
-        return write_shards(output, layout, specs, src.metadata, plan.records, getattr(src, "index", {}),
-                            stem + INDEX_SUFFIX, _produce(part, plan, run), tick,
-                            options.io.writeback_bytes)  # fmt: skip
-
-    order = _ordered(part, plan, (key for keys in layout.values() for key in keys))
-    return Sink(target, SHARDED, True, write, _total(specs), len(specs), order=order)
-
-
-def _torch_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options: Options) -> Sink:
-    from .torch_file import optimizer_keys, set_at, write_torch
-
-    if src.format == SHARDED:
-        raise RefusedError(f"{target}: safetensors shards are written as safetensors; give -o a directory or a "
-                           ".safetensors file")  # fmt: skip
-    if src.format == DCP:
-        raise RefusedError(f"{target}: a distributed checkpoint is written as one (give -o a directory) or, one state "
-                           "dict of it, as .safetensors")  # fmt: skip
-    container = getattr(src, "obj", None)
-    dropped = optimizer_keys(container)
-
-    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
-        obj = container
-        for part, plan in plans:
-            steps = {s.source_key: s for s in plan.steps}
-            tensors: dict[str, Any] = {}
-            for key in part.values if part.values is not None else part.specs:
-                step = steps.get(key)
-                if step is not None:
-                    tensors[step.target_key] = assemble(step, run(part, step))[0]
-                else:
-                    tensors[key] = part.values[key] if part.values is not None else part.tensor(key).whole()
-            obj = set_at(obj, part.location, with_records(tensors, plan.records, part.values))
-        if dropped and isinstance(obj, Mapping):
-            obj = {k: v for k, v in obj.items() if k not in dropped}
-        write_torch(output.file(), obj)
-        return lambda written: None  # read back by verify_output, as every output is
-
-    return Sink(target, TORCH, False, write, dropped=dropped)
-
-
-def _by_name(specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
-    """A safetensors file's tensors in the order of their names, as safetensors lists them: the file then does not
-    depend on the order of its input (a torch state dict's, a header's, an index's)."""
-    return dict(sorted(specs.items()))
-
-
-def _dcp_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options: Options) -> Sink:
-    """A distributed checkpoint in, one out: the same entries, the converted state dicts changed, optimizer state
-    dropped, each tensor computed when torch's writer asks for it."""
-    import torch
-
-    from .dcp import DcpSource, DcpTensor, fsync_tree, nest, records_entry, verify_dcp, write_dcp
-
-    assert isinstance(src, DcpSource)
-    dropped = src.optimizer_groups()
-
-    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
-        flat = src.others([part.location for part, _ in plans], dropped)
-        paths = dict(src.paths)
-        produce: dict[str, Callable[[], torch.Tensor]] = {}
-
-        for fqn, value in flat.items():
-            if isinstance(value, torch.Tensor):
-                spec = TensorSpec(tuple(value.shape), str(value.dtype).removeprefix("torch."))
-                produce[fqn] = DcpTensor(src, fqn, spec).whole
-        for part, plan in plans:
-            steps = {s.source_key: s for s in plan.steps}
-            for key, spec in part.specs.items():
-                step = steps.get(key)
-                name = step.target_key if step else key
-                after = TensorSpec(step.shape_after, step.out_dtype) if step else spec
-                fqn = ".".join((*part.location, name))
-                flat[fqn] = torch.empty(after.shape, dtype=getattr(torch, after.dtype), device="meta")
-                paths[fqn] = (*part.location, name)
-                produce[fqn] = _transformed(part, step, run) if step else part.tensor(key).whole
-            if plan.records:
-                fqn = ".".join((*part.location, METADATA_KEY))
-                flat[fqn], paths[fqn] = records_entry(plan.records), (*part.location, METADATA_KEY)
-        write_dcp(output.path, nest(flat, paths), lambda fqn: produce[fqn](), target)
-        fsync_tree(output.path)
-        expected = {fqn: TensorSpec(tuple(v.shape), str(v.dtype).removeprefix("torch."))
-                    for fqn, v in flat.items() if isinstance(v, torch.Tensor)}  # fmt: skip
-        return lambda written: verify_dcp(written, expected, target)
-
-    return Sink(target, DCP, True, write, dropped=dropped)
-
-
-def _directory_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options: Options) -> Sink:
-    """A model directory: each weight unit written by the sink of its format under its own name, every other file
-    copied, all in one staging directory."""
-    from .model_dir import ModelDirSource, SubOutput
-
-    assert isinstance(src, ModelDirSource)
-    if target.suffix in (".safetensors", *TORCH_SUFFIXES):
-        raise RefusedError(f"{target}: a model directory is written as one; give -o a directory name")
-    planned = iter(plans)
-    units: list[tuple[Path, Sink | None, Source]] = []
-    plan_of: dict[int, Plan] = {}
-    for unit, unit_src in src.units:
-        local = [(part, next(planned)[1]) for part in unit_src.parts]
-        plan_of.update((id(part), plan) for part, plan in local)
-        if not any(plan.steps for _, plan in local):
-            units.append((unit, None, unit_src))
-        elif unit_src.format == SHARDED or (unit_src.format == SAFETENSORS and options.max_shard_size is not None):
-            units.append((unit, _shards_sink(unit_src, local[0], target / unit.parent, options), unit_src))
-        elif unit_src.format == SAFETENSORS:
-            units.append((unit, _safetensors_sink(unit_src, local, target / unit, options), unit_src))
-        else:
-            units.append((unit, _torch_sink(unit_src, local, target / unit, options), unit_src))
-
-    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
-        checks: list[tuple[Path, Callable[[Path], None]]] = []
-        kept = list(src.others)
-        for unit, sink, unit_src in units:
-            if sink is None:  # nothing to change: its files as they are
-                kept += [unit.parent / p.name for p in unit_src.inputs() if p.is_file()]
-                continue
-            view = SubOutput(output, unit, sink.directory)
-
-            def unit_run(part: Part, step: Step, unit: Path = unit) -> Changes:
-                return run(ModelDirSource.prefixed(unit, part), step)
-
-            check = sink.write(view, unit_run, tick)  # type: ignore[arg-type]
-            checks.append((view.path.relative_to(output.path), check))
-        src.copy(kept, output)
-
-        def verify(written: Path) -> None:
-            for relative, check in checks:
-                check(written / relative)
-
-        return verify
-
-    dropped = [f"{unit}/{name}" for unit, sink, _ in units if sink is not None for name in sink.dropped]
-    total = sum(sink.total_bytes for _, sink, _ in units if sink is not None)
-    tensors = sum(sink.total_tensors for _, sink, _ in units if sink is not None)
-    order = [entry for _, sink, unit_src in units if sink is not None
-             for entry in (sink.order or [(p, s) for p in unit_src.parts for s in plan_of[id(p)].steps])]  # fmt: skip
-    return Sink(target, MODEL_DIR, True, write, total, tensors, dropped, order)
-
-
-def _transformed(part: Part, step: Step, run: Run) -> Callable[[], Any]:
-    return lambda: assemble(step, run(part, step))[0]
-
-
-def _total(specs: dict[str, TensorSpec]) -> int:
-    return sum(spec.nbytes for spec in specs.values())
+    fmt = writer_format(src.path, src.format, out, sharded=options.max_shard_size is not None)
+    target = out or default_output(src.path, tag, fmt)
+    return format_of(fmt).sink(src, plans, target, Writing(options.max_shard_size, io, format_of))
 
 
 def _ticker(progress: Progress | None, sink: Sink) -> Tick:

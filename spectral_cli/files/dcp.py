@@ -30,12 +30,12 @@ import torch
 from .. import __version__
 from ..errors import CheckpointError, RefusedError
 from ..statedict.keys import TensorSpec
+from ..statedict.plan import Step
 from ..statedict.records import METADATA_KEY, LayerRecord, parse_records, records_document
-from ..statedict.surgery import dtype_name
-from .atomic import OutFile
+from ..statedict.surgery import MemoryTensor, assemble, dtype_name
+from .atomic import Output
+from .checkpoint import Fingerprint, Part, Planned, Reading, Run, Sink, Source, Tick, Writing
 from .formats import DCP
-from .safetensors_io import value_bytes
-from .sources import Fingerprint, Part
 
 METADATA_FILE = ".metadata"
 
@@ -115,7 +115,7 @@ class DcpTensor:
 
     def __init__(self, source: DcpSource, fqn: str, spec: TensorSpec) -> None:
         self.source, self.fqn, self.spec = source, fqn, spec
-        self._bytes: torch.Tensor | None = None
+        self._loaded: MemoryTensor | None = None
 
     def whole(self) -> torch.Tensor:
         tensor = torch.empty(self.spec.shape, dtype=getattr(torch, self.spec.dtype))
@@ -123,13 +123,9 @@ class DcpTensor:
         return tensor
 
     def read(self, offset: int, out: torch.Tensor) -> None:
-        if self._bytes is None:
-            self._bytes = self.whole().reshape(-1).view(torch.uint8)
-        view = out.view(-1).view(torch.uint8)
-        view.copy_(self._bytes[offset : offset + view.numel()])
-
-    def copy_to(self, out: OutFile, offset: int) -> None:
-        out.write(value_bytes(self.whole()), offset)
+        if self._loaded is None:
+            self._loaded = MemoryTensor(self.whole())
+        self._loaded.read(offset, out)
 
 
 class DcpSource:
@@ -317,3 +313,49 @@ def fsync_tree(directory: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+# ---- the format: its reader and its writer --------------------------------------------------------------------
+
+
+def source(path: Path, fmt: str, reading: Reading) -> DcpSource:
+    """A distributed checkpoint's directory as a source."""
+    return DcpSource(path, reading.trust_pickle)
+
+
+def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
+    """A distributed checkpoint in, one out: the same entries, the converted state dicts changed, optimizer state
+    dropped, each tensor computed when torch's writer asks for it."""
+    assert isinstance(src, DcpSource)  # only a DCP input is written as one (formats.writer_format)
+    dropped = src.optimizer_groups()
+
+    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
+        flat = src.others([part.location for part, _ in plans], dropped)
+        paths = dict(src.paths)
+        produce: dict[str, Callable[[], torch.Tensor]] = {}
+
+        for fqn, value in flat.items():
+            if isinstance(value, torch.Tensor):
+                produce[fqn] = DcpTensor(src, fqn, TensorSpec(tuple(value.shape), dtype_name(value.dtype))).whole
+        for part, plan in plans:
+            by_target = {s.target_key: s for s in plan.steps}
+            for name, after in plan.output_specs(part.specs).items():
+                fqn = ".".join((*part.location, name))
+                flat[fqn] = torch.empty(after.shape, dtype=getattr(torch, after.dtype), device="meta")
+                paths[fqn] = (*part.location, name)
+                step = by_target.get(name)
+                produce[fqn] = _transformed(part, step, run) if step else part.tensor(name).whole
+            if plan.records:
+                fqn = ".".join((*part.location, METADATA_KEY))
+                flat[fqn], paths[fqn] = records_entry(plan.records), (*part.location, METADATA_KEY)
+        write_dcp(output.path, nest(flat, paths), lambda fqn: produce[fqn](), target)
+        fsync_tree(output.path)
+        expected = {fqn: TensorSpec(tuple(v.shape), dtype_name(v.dtype))
+                    for fqn, v in flat.items() if isinstance(v, torch.Tensor)}  # fmt: skip
+        return lambda written: verify_dcp(written, expected, target)
+
+    return Sink(target, DCP, True, write, dropped=dropped)
+
+
+def _transformed(part: Part, step: Step, run: Run) -> Callable[[], torch.Tensor]:
+    return lambda: assemble(step, run(part, step))[0]

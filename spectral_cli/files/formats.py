@@ -126,6 +126,44 @@ def output_format(path: Path, input_format: str) -> str:
     return TORCH if input_format == TORCH_LEGACY else input_format
 
 
+#: the refusals of an output that cannot hold its input, said once
+SHARDS_ARE_SAFETENSORS = "safetensors shards are written as safetensors; give -o a directory or a .safetensors file"
+DCP_IS_WRITTEN_AS_ONE = ("a distributed checkpoint is written as one (give -o a directory) or, one state dict of it, "
+                         "as .safetensors")  # fmt: skip
+
+
+def writer_format(source: Path, input_format: str, output: Path | None, *, sharded: bool = False) -> str:
+    """The format an input of ``input_format`` is written in: a model directory as one, shards when ``sharded``
+    (``--max-shard-size``) or for shards in unless ``output`` is a ``.safetensors`` file, a distributed checkpoint
+    as one unless ``output`` names a file format, else the format of the output's extension (or the input's).
+    Raises :class:`RefusedError` for an output that cannot hold the input.
+
+    Example:
+        >>> writer_format(Path("m.pt"), TORCH, None), writer_format(Path("m.pt"), TORCH, Path("o.safetensors"))
+        ('torch', 'safetensors')
+        >>> writer_format(Path("m.safetensors"), SAFETENSORS, None, sharded=True)
+        'safetensors-sharded'
+    """
+    if input_format == MODEL_DIR:
+        if output is not None and output.suffix in (".safetensors", *TORCH_SUFFIXES):
+            raise RefusedError(f"{output}: a model directory is written as one; give -o a directory name")
+        return MODEL_DIR
+    if sharded or (input_format == SHARDED and (output is None or output.suffix != ".safetensors")):
+        if input_format not in (SAFETENSORS, SHARDED):
+            raise RefusedError(f"{source}: --max-shard-size writes safetensors shards; it needs a safetensors input")
+        if output is not None and output_format(output, SAFETENSORS) != SAFETENSORS:
+            raise RefusedError(f"{output}: {SHARDS_ARE_SAFETENSORS}")
+        return SHARDED
+    if input_format == DCP and (output is None or output_format(output, DCP) == DCP):
+        return DCP
+    if output_format(output or source, input_format) == SAFETENSORS:
+        return SAFETENSORS
+    if input_format in (SHARDED, DCP):
+        said = SHARDS_ARE_SAFETENSORS if input_format == SHARDED else DCP_IS_WRITTEN_AS_ONE
+        raise RefusedError(f"{output}: {said}")
+    return TORCH
+
+
 def hub_cache_name(source: Path) -> str | None:
     """The name of an output for an input inside a Hugging Face hub cache
     (``.../models--org--name/snapshots/<revision>/[path]``): ``name`` and the path in the snapshot, joined by dots;

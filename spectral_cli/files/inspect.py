@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import SpectralError, in_file
 from ..statedict.plan import LayerInfo, describe
 from .formats import DCP, SAFETENSORS, SHARDED
-from .sources import open_source
+from .registry import open_source
 
 
 @dataclass

@@ -42,7 +42,7 @@ from ..statedict.keys import SPECTRAL_SUFFIX, key_prefix, module_name
 from ..statedict.plan import spectral_step
 from ..statedict.surgery import records_of, specs_of
 from ..transform.kernels import Basis
-from .sources import open_source
+from .registry import open_source
 
 
 @dataclass(frozen=True)

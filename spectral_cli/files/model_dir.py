@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..statedict.plan import Plan, Step
+from ..statedict.surgery import Changes
 from .atomic import TEMP_NAME, OutFile, Output
-from .formats import INDEX_SUFFIX, MODEL_DIR, kind_of
-from .sources import Part, Source
-from .syscalls import SYSCALLS, Syscalls
+from .checkpoint import Part, Planned, Reading, Run, Sink, Source, Tick, Writing
+from .formats import INDEX_SUFFIX, MODEL_DIR, SHARDED, TORCH, TORCH_LEGACY, kind_of, writer_format
 
 #: torch weight files a model directory may hold (other ``.bin`` files, such as ``training_args.bin``, are kept)
 TORCH_WEIGHTS = (".pt", ".pth", ".ckpt")
@@ -110,9 +111,7 @@ class ModelDirSource:
 
     format = MODEL_DIR
 
-    def __init__(self, path: Path, trust_pickle: bool = False, syscalls: Syscalls = SYSCALLS) -> None:
-        from .sources import open_source
-
+    def __init__(self, path: Path, open_unit: Callable[[Path], Source]) -> None:
         self.path = path
         units, self.others = units_of(path)
         if not units:
@@ -121,7 +120,7 @@ class ModelDirSource:
         self.units: list[tuple[Path, Source]] = []
         try:
             for unit in units:
-                self.units.append((unit, open_source(path / unit, trust_pickle=trust_pickle, syscalls=syscalls)))
+                self.units.append((unit, open_unit(path / unit)))
         except BaseException:
             self.close()
             raise
@@ -164,3 +163,63 @@ class ModelDirSource:
                 from .atomic import output_error
 
                 raise output_error(output.target, e) from None
+
+
+# ---- the format: its reader and its writer --------------------------------------------------------------------
+
+
+def source(path: Path, fmt: str, reading: Reading) -> ModelDirSource:
+    """A model directory as a source: each weight unit opened by the reader of its format."""
+    assert reading.open_unit is not None  # given by registry.open_source
+    return ModelDirSource(path, reading.open_unit)
+
+
+def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
+    """A model directory: each weight unit written by the writer of its format under its own name (the rule of
+    :func:`~spectral_cli.files.formats.writer_format`), every other file copied, all in one staging directory."""
+    assert isinstance(src, ModelDirSource) and writing.sink_for is not None
+    planned = iter(plans)
+    units: list[tuple[Path, Sink | None, Source]] = []
+    plan_of: dict[int, Plan] = {}
+    for unit, unit_src in src.units:
+        local = [(part, next(planned)[1]) for part in unit_src.parts]
+        plan_of.update((id(part), plan) for part, plan in local)
+        if not any(plan.steps for _, plan in local):
+            units.append((unit, None, unit_src))
+            continue
+        # --max-shard-size reshards a directory's safetensors units; its torch files are written as they were
+        sharded = writing.max_shard_size is not None and unit_src.format != TORCH and unit_src.format != TORCH_LEGACY
+        fmt = writer_format(unit_src.path, unit_src.format, target / unit, sharded=sharded)
+        unit_target = target / unit.parent if fmt == SHARDED else target / unit
+        units.append((unit, writing.sink_for(fmt).sink(unit_src, local, unit_target, writing), unit_src))
+
+    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
+        checks: list[tuple[Path, Callable[[Path], None]]] = []
+        kept = list(src.others)
+        for unit, unit_sink, unit_src in units:
+            if unit_sink is None:  # nothing to change: its files as they are
+                kept += [unit.parent / p.name for p in unit_src.inputs() if p.is_file()]
+                continue
+            view = SubOutput(output, unit, unit_sink.directory)
+
+            def unit_run(part: Part, step: Step, unit: Path = unit) -> Changes:
+                return run(ModelDirSource.prefixed(unit, part), step)
+
+            check = unit_sink.write(view, unit_run, tick)  # type: ignore[arg-type]
+            checks.append((view.path.relative_to(output.path), check))
+        src.copy(kept, output)
+
+        def verify(written: Path) -> None:
+            for relative, check in checks:
+                check(written / relative)
+
+        return verify
+
+    written = [(unit_sink, unit_src) for _, unit_sink, unit_src in units if unit_sink is not None]
+    dropped = [f"{unit}/{name}" for unit, unit_sink, _ in units if unit_sink is not None for name in unit_sink.dropped]
+    order = []  # a torch unit's order is its parts' and their plans'
+    for unit_sink, unit_src in written:
+        order += unit_sink.order or [(p, s) for p in unit_src.parts for s in plan_of[id(p)].steps]
+    total = sum(unit_sink.total_bytes for unit_sink, _ in written)
+    tensors = sum(unit_sink.total_tensors for unit_sink, _ in written)
+    return Sink(target, MODEL_DIR, True, write, total, tensors, dropped, order)

@@ -27,9 +27,24 @@ from .. import __version__
 from ..errors import CheckpointError, RefusedError
 from ..statedict.keys import ITEMSIZE, TensorSpec
 from ..statedict.records import METADATA_KEY, LayerRecord, parse_records, records_document
-from .atomic import OutFile
-from .formats import MAX_SAFETENSORS_HEADER, SAFETENSORS, open_regular
-from .sources import Fingerprint, Part
+from .atomic import OutFile, Output
+from .checkpoint import (
+    WRITEBACK_BYTES,
+    Fingerprint,
+    Part,
+    Planned,
+    Reading,
+    Run,
+    Sink,
+    Source,
+    Tick,
+    Writing,
+    by_name,
+    ordered,
+    produce,
+    total_bytes,
+)
+from .formats import DCP, MAX_SAFETENSORS_HEADER, SAFETENSORS, open_regular
 from .syscalls import SYSCALLS, Syscalls
 
 if TYPE_CHECKING:
@@ -62,7 +77,6 @@ DTYPES = {
 CODES = {name: code for code, name in DTYPES.items()}
 
 #: bytes written between two background fdatasyncs of the file being written
-WRITEBACK_BYTES = 64 << 20
 _LARGEST = (1 << 63) - 1
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 _SEEK_LOCK = threading.Lock()
@@ -298,7 +312,7 @@ def pread_into(fd: int, view: memoryview, offset: int, path: Path, syscalls: Sys
 
 
 class FileTensor:
-    """A tensor of a safetensors file, read when needed (:class:`~spectral_cli.statedict.surgery.Stored`)."""
+    """A tensor of a safetensors file, read when needed (:class:`~spectral_cli.statedict.surgery.ReadableTensor`)."""
 
     def __init__(self, fd: int | Callable[[], int], path: Path, entry: Entry, syscalls: Syscalls) -> None:
         self._fd, self.path, self.entry, self.syscalls = fd, path, entry, syscalls
@@ -320,9 +334,6 @@ class FileTensor:
         tensor = torch.empty(self.entry.spec.shape, dtype=getattr(torch, self.entry.spec.dtype))
         self.read(0, tensor)
         return tensor
-
-    def copy_to(self, out: OutFile, offset: int) -> None:
-        out.copy(self.fd, self.entry.start, self.entry.end - self.entry.start, offset)
 
 
 class SafetensorsSource:
@@ -372,7 +383,8 @@ def write_safetensors(
     """Write a safetensors file into ``out``: the header from ``specs``, then each tensor from ``produce(name)``;
     returns the header written (for :func:`verify_header`).
 
-    ``produce`` returns what has ``copy_to(out, offset)`` (a tensor carried over unchanged), or the pieces of a
+    ``produce`` returns a tensor carried over unchanged (a :class:`FileTensor`'s bytes are copied file to file,
+    another's values written), or the pieces of a
     transformed one (:data:`~spectral_cli.statedict.surgery.Changes`: ``(byte offset, piece)`` in any order
     that together cover it once; each piece is written before the next is asked for). ``progress(nbytes,
     tensor_done)`` is called for each piece written and once more when a tensor is done.
@@ -393,13 +405,21 @@ def write_safetensors(
                 _write_pieces(out, position, name, spec, source, wrote)
                 written = 0  # counted piece by piece
             else:
-                source.copy_to(out, position)
+                _carry(source, out, position)
                 writeback.wrote(spec.nbytes)
                 written = spec.nbytes
             position += spec.nbytes
             if progress is not None:
                 progress(written, True)
     return header
+
+
+def _carry(tensor: Any, out: OutFile, offset: int) -> None:
+    """A tensor carried over unchanged, written at ``offset``: a file's bytes copied, another's values written."""
+    if isinstance(tensor, FileTensor):
+        out.copy(tensor.fd, tensor.entry.start, tensor.entry.end - tensor.entry.start, offset)
+    else:
+        out.write(value_bytes(tensor.whole()), offset)
 
 
 class _EarlyWriteback:
@@ -513,3 +533,31 @@ def file_metadata(
     if mine:
         meta[METADATA_KEY] = json.dumps(records_document(mine, __version__), sort_keys=True)
     return meta
+
+
+# ---- the format: its reader and its writer --------------------------------------------------------------------
+
+
+def source(path: Path, fmt: str, reading: Reading) -> SafetensorsSource:
+    """A safetensors file as a source."""
+    return SafetensorsSource(path, reading.syscalls)
+
+
+def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
+    """One safetensors file of the input's one state dict, its tensors in the order of their names, each streamed
+    as it is transformed (or copied as it is)."""
+    whole = plans[0][0].location == () or src.format == DCP  # a DCP model's state dict may be written alone
+    if len(plans) != 1 or not whole:
+        raise RefusedError(f"{target}: safetensors holds only tensors, and {src.path} is a container; write a .pt file")
+    part, plan = plans[0]
+    if part.values is not None:
+        refuse_unstorable(part.values, target)
+    specs = by_name(plan.output_specs(part.specs))
+    metadata = file_metadata(src.metadata(), plan.records)
+
+    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
+        header = write_safetensors(output.file(), specs, metadata, produce(part, plan, run), tick,
+                                   writing.io.writeback_bytes)  # fmt: skip
+        return lambda written: verify_header(written, specs, metadata, target, header)
+
+    return Sink(target, SAFETENSORS, False, write, total_bytes(specs), len(specs), order=ordered(part, plan, specs))

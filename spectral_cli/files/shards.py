@@ -19,9 +19,23 @@ from ..errors import CheckpointError
 from ..statedict.keys import TensorSpec
 from ..statedict.records import LayerRecord
 from .atomic import Output
+from .checkpoint import (
+    Fingerprint,
+    Part,
+    Planned,
+    Reading,
+    Run,
+    Sink,
+    Source,
+    Tick,
+    Writing,
+    by_name,
+    ordered,
+    produce,
+    total_bytes,
+)
 from .formats import INDEX_SUFFIX, SHARDED, find_index, open_regular
 from .safetensors_io import FileTensor, Header, file_metadata, read_header, verify_header, write_safetensors
-from .sources import Fingerprint, Part
 from .syscalls import SYSCALLS, Syscalls
 
 #: the most shards held open at once (each is opened when read, and the least recently read closed)
@@ -210,3 +224,30 @@ def stem_of(source: Any) -> str:
         return str(index_path.name).removesuffix(INDEX_SUFFIX)
     path = Path(getattr(source, "path", "model"))
     return path.stem if path.suffix == ".safetensors" else "model"
+
+
+# ---- the format: its reader and its writer --------------------------------------------------------------------
+
+
+def source(path: Path, fmt: str, reading: Reading) -> ShardSource:
+    """A sharded checkpoint (its directory or its index) as a source."""
+    return ShardSource(path, reading.syscalls)
+
+
+def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
+    """A directory of safetensors shards and their index: the input's shards (each tensor where it was), or new
+    ones of at most ``writing.max_shard_size`` bytes."""
+    part, plan = plans[0]
+    specs = by_name(plan.output_specs(part.specs))
+    source_of = {s.target_key: s.source_key for s in plan.steps}
+    owner = src.owner if isinstance(src, ShardSource) else {}
+    index = src.index if isinstance(src, ShardSource) else {}
+    stem = stem_of(src)
+    layout = shard_layout(specs, writing.max_shard_size, lambda key: owner.get(source_of.get(key, key)), stem)
+
+    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
+        return write_shards(output, layout, specs, src.metadata, plan.records, index, stem + INDEX_SUFFIX,
+                            produce(part, plan, run), tick, writing.io.writeback_bytes)  # fmt: skip
+
+    order = ordered(part, plan, (key for keys in layout.values() for key in keys))
+    return Sink(target, SHARDED, True, write, total_bytes(specs), len(specs), order=order)

@@ -26,11 +26,10 @@ from typing import Any
 import torch
 
 from ..errors import OOM_FIX, CheckpointError, OutOfMemoryError, RefusedError, first_line, is_out_of_memory
-from ..statedict.surgery import InMemory, records_of, spec_of, specs_of
-from .atomic import OutFile
+from ..statedict.surgery import MemoryTensor, assemble, records_of, spec_of, specs_of, with_records
+from .atomic import OutFile, Output
+from .checkpoint import Fingerprint, Part, Planned, Reading, Run, Sink, Source, Tick, Writing
 from .formats import TORCH
-from .safetensors_io import value_bytes
-from .sources import Fingerprint, Part
 
 #: keys under which trainers (timm, Lightning, DeepSpeed, plain scripts) keep weights, in search order
 STATE_DICT_KEYS = (
@@ -49,13 +48,6 @@ STATE_DICT_KEYS = (
 MAX_DEPTH = 400
 #: the first torch whose weights_only loader has no known way to run code (CVE-2025-32434, CVE-2026-24747)
 SAFE_TORCH = (2, 10)
-
-
-class MemoryTensor(InMemory):
-    """A tensor of a loaded torch file, as a source gives it."""
-
-    def copy_to(self, out: OutFile, offset: int) -> None:
-        out.write(value_bytes(self.tensor), offset)
 
 
 def get_at(obj: Any, loc: tuple[str, ...]) -> Any:
@@ -438,6 +430,8 @@ def _refuse_lazy(path: Path, *named: Iterable[tuple[str, Any]]) -> None:
 class TorchSource:
     """A torch file as a source: loaded whole; every state dict in its container is a :class:`Part`."""
 
+    format: str
+
     def __init__(self, path: Path, fmt: str, trust_pickle: bool = False) -> None:
         self.path, self.format, self.trust_pickle = path, fmt, trust_pickle
         fingerprint = Fingerprint([path])
@@ -479,6 +473,37 @@ class TorchSource:
 
     def close(self) -> None:
         pass
+
+
+def source(path: Path, fmt: str, reading: Reading) -> TorchSource:
+    """A torch file (``torch`` or ``torch-legacy``) as a source."""
+    return TorchSource(path, fmt, reading.trust_pickle)
+
+
+def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
+    """One ``torch.save`` of the input's container (or bare state dict), each state dict's steps run in its order
+    and its records beside its tensors; optimizer state dropped."""
+    container = src.obj if isinstance(src, TorchSource) else None
+    dropped = optimizer_keys(container)
+
+    def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
+        obj = container
+        for part, plan in plans:
+            steps = {s.source_key: s for s in plan.steps}
+            tensors: dict[str, Any] = {}
+            for key in part.values if part.values is not None else part.specs:
+                step = steps.get(key)
+                if step is not None:
+                    tensors[step.target_key] = assemble(step, run(part, step))[0]
+                else:
+                    tensors[key] = part.values[key] if part.values is not None else part.tensor(key).whole()
+            obj = set_at(obj, part.location, with_records(tensors, plan.records, part.values))
+        if dropped and isinstance(obj, Mapping):
+            obj = {k: v for k, v in obj.items() if k not in dropped}
+        write_torch(output.file(), obj)
+        return lambda written: None  # read back by verify_output, as every output is
+
+    return Sink(target, TORCH, False, write, dropped=dropped)
 
 
 def write_torch(out: OutFile, obj: Any) -> None:

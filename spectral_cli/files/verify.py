@@ -29,10 +29,11 @@ import torch
 from ..errors import CheckpointError
 from ..statedict.keys import ITEMSIZE, TensorSpec
 from ..statedict.plan import Plan, Step
-from ..statedict.surgery import Stored, batch_bytes, batch_key, step_input
+from ..statedict.surgery import ReadableTensor, batch_bytes, batch_key, step_input
 from ..transform.slabs import BATCH_BYTES, Scratch, synthesis_error, synthesis_errors
+from .checkpoint import Part, Source
 from .formats import INDEX_SUFFIX, MODEL_DIR
-from .sources import Part, Source, open_source
+from .registry import open_source
 from .syscalls import SYSCALLS, Syscalls
 
 #: the largest relative error a written tensor may show, per dtype: 64 units of its rounding. Far above what the
@@ -154,7 +155,7 @@ def _budgeted(indices: list[int], size: Any) -> Iterator[list[int]]:
         yield group
 
 
-def _measured_batch(steps: Sequence[Step], part: Part, written: Sequence[Stored]) -> list[float]:
+def _measured_batch(steps: Sequence[Step], part: Part, written: Sequence[ReadableTensor]) -> list[float]:
     """:func:`_measured` of several small tensors of one kind at once, with the same figures."""
     first = steps[0]
     ks, basis = first.kernel_size, first.basis
@@ -222,7 +223,7 @@ def _check_names(part: Part, plan: Plan, back: Part, differs: Any) -> None:
                 raise differs(key)
 
 
-def _same(a: Stored, b: Stored, spec: TensorSpec, scratch: Scratch) -> bool:
+def _same(a: ReadableTensor, b: ReadableTensor, spec: TensorSpec, scratch: Scratch) -> bool:
     """The same bytes (a sparse, nested, meta or quantized tensor of a torch file: the same values; torch crashes
     viewing a quantized tensor's bytes)."""
     if spec.kind != "dense" or spec.dtype not in ITEMSIZE or spec.dtype.startswith("q"):  # no bytes to view
@@ -238,7 +239,7 @@ def _same(a: Stored, b: Stored, spec: TensorSpec, scratch: Scratch) -> bool:
     return True
 
 
-def _measured(step: Step, source: Stored, written: Stored, scratch: Scratch, wide: Scratch) -> float:
+def _measured(step: Step, source: ReadableTensor, written: ReadableTensor, scratch: Scratch, wide: Scratch) -> float:
     """The error of a transformed tensor, measured on the written values (see the module's docstring); ``wide``:
     the scratch of a bake's float64 slabs."""
     ks, basis = step.kernel_size, step.basis
@@ -250,7 +251,7 @@ def _measured(step: Step, source: Stored, written: Stored, scratch: Scratch, wid
                            written.read, getattr(torch, step.out_dtype), wide, exact=True)  # fmt: skip
 
 
-def _within_bound(step: Step, error: float, source: Stored) -> bool:
+def _within_bound(step: Step, error: float, source: ReadableTensor) -> bool:
     """Within the bound of the kernel's dtype; NaN only from an input that holds NaN or Inf."""
     dtype = step.dtype if step.action == "convert" else step.out_dtype
     if math.isnan(error):

@@ -1,7 +1,7 @@
 """Plans executed on tensors: one implementation, for state dicts in memory and for checkpoint files alike.
 
 :func:`execute` runs one :class:`~spectral_cli.statedict.plan.Step` on a stored tensor (in memory, or in a file:
-anything that can :meth:`Stored.read` its bytes) a slab at a time and gives the result in pieces, which a file
+anything that can :meth:`ReadableTensor.read` its bytes) a slab at a time and gives the result in pieces, which a file
 writer writes as they come and :func:`assemble` joins into a tensor. The pure functions below (no model class,
 nothing printed, the input untouched) are built on it:
 
@@ -94,7 +94,7 @@ class SurgeryResult:
     records: dict[str, LayerRecord]
 
 
-class Stored(Protocol):
+class ReadableTensor(Protocol):
     """A tensor of a checkpoint, read when it is needed."""
 
     def read(self, offset: int, out: torch.Tensor) -> None:
@@ -104,8 +104,8 @@ class Stored(Protocol):
         """The whole tensor."""
 
 
-class InMemory:
-    """A tensor already in memory, as :class:`Stored`."""
+class MemoryTensor:
+    """A tensor already in memory, as :class:`ReadableTensor`."""
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
@@ -175,16 +175,16 @@ def with_records(
     return out
 
 
-def step_input(step: Step, stored: Stored) -> Stored:
+def step_input(step: Step, stored: ReadableTensor) -> ReadableTensor:
     """What ``step`` reads: ``stored``, or for CompressAI's complex coefficients their real and imaginary parts,
     as rfft planes."""
     if not step.complex_source:
         return stored
     complex_tensor = stored.whole()
-    return InMemory(torch.stack((complex_tensor.real, complex_tensor.imag)))
+    return MemoryTensor(torch.stack((complex_tensor.real, complex_tensor.imag)))
 
 
-def execute(step: Step, stored: Stored, scratch: Scratch, *, measure: bool = True) -> Changes:
+def execute(step: Step, stored: ReadableTensor, scratch: Scratch, *, measure: bool = True) -> Changes:
     """Run ``step`` on ``stored``: the result in pieces (in order; each valid until the next is asked for), then
     the change made, with its error measured as the pieces were made (NaN if not ``measure``: a file's writer
     measures it on what it wrote, :func:`~spectral_cli.files.verify.verify_output`)."""
@@ -236,7 +236,7 @@ class Batches:
     """
 
     def __init__(
-        self, scratch: Scratch, order: Iterable[tuple[Step, Callable[[], Stored]]] = (), *, measure: bool = True
+        self, scratch: Scratch, order: Iterable[tuple[Step, Callable[[], ReadableTensor]]] = (), *, measure: bool = True
     ) -> None:
         self.scratch, self.measure = scratch, measure
         self._order = list(order)
@@ -244,7 +244,7 @@ class Batches:
         self._done: dict[int, tuple[torch.Tensor, float]] = {}
         self._held = 0
 
-    def execute(self, step: Step, stored: Stored) -> Changes:
+    def execute(self, step: Step, stored: ReadableTensor) -> Changes:
         """:func:`execute` of ``step`` on ``stored``, from a batch where it has one."""
         done = self._done.pop(id(step), None)
         if done is None:
@@ -260,7 +260,7 @@ class Batches:
             yield 0, result
         return LayerChange.of(step, error)
 
-    def _batch(self, first: int, key: tuple[Any, ...], stored: Stored) -> None:
+    def _batch(self, first: int, key: tuple[Any, ...], stored: ReadableTensor) -> None:
         """Run the step at ``first`` of the order with the next steps of the same ``key`` not yet run."""
         if self._held > 4 * BATCH_BYTES:  # results a writer did not ask for in the order given: made again if asked
             self._done.clear()
@@ -316,7 +316,7 @@ def _run(state_dict: StateDict, plan: Plan) -> SurgeryResult:
     out: OrderedDict[str, Any] = OrderedDict()
     changed = []
     with Scratch() as scratch:
-        stored_of = {id(step): InMemory(state_dict[step.source_key]) for step in plan.steps}
+        stored_of = {id(step): MemoryTensor(state_dict[step.source_key]) for step in plan.steps}
         batches = Batches(scratch, [(step, functools.partial(stored_of.__getitem__, id(step))) for step in plan.steps])
         for key, value in state_dict.items():
             step = steps.get(key)
