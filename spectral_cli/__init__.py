@@ -36,18 +36,26 @@ _EXPORTS = {
     "Loaded": "files.load",
     "convert_file": "files.convert",
     "bake_file": "files.convert",
-    "inspect_file": "files.inspect",
-    "Options": "files.convert",
+    "inspect_file": "files.listing",
+    "FileReport": "files.convert",
+    "InspectReport": "files.listing",
+    "SurgeryResult": "statedict.surgery",
+    "LayerChange": "statedict.surgery",
+    "Basis": "transform.kernels",
 }
 
 __all__ = [
     "BASES",
     "AmbiguousKernelSizeError",
+    "Basis",
+    "FileReport",
+    "InspectReport",
+    "LayerChange",
     "Loaded",
-    "Options",
     "Registration",
     "SpectralError",
     "SpectralParametrization",
+    "SurgeryResult",
     "__version__",
     "bake_file",
     "bake_state_dict",
@@ -65,8 +73,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .errors import AmbiguousKernelSizeError, SpectralError
-    from .files.convert import Options, bake_file, convert_file
-    from .files.inspect import inspect_file
+    from .files.convert import FileReport, bake_file, convert_file
+    from .files.listing import InspectReport, inspect_file
     from .files.load import Loaded, load_spectral
     from .parametrization import (
         Registration,
@@ -75,9 +83,9 @@ if TYPE_CHECKING:
         register_spectral_parametrization,
         spectral_shard_placement,
     )
-    from .statedict.surgery import bake_state_dict, convert_state_dict, describe_state_dict
+    from .statedict.surgery import LayerChange, SurgeryResult, bake_state_dict, convert_state_dict, describe_state_dict
     from .transform.bases import to_spatial, to_spectral
-    from .transform.kernels import BASES
+    from .transform.kernels import BASES, Basis
 
 
 def __getattr__(name: str) -> Any:

@@ -320,7 +320,7 @@ def inspect(
 
     def body() -> None:
         from . import render
-        from .files.inspect import inspect_file
+        from .files.listing import inspect_file
 
         wants_energy = True if plot is not None else energy
         report = inspect_file(input, include_spatial=all_layers, trust_pickle=trust_pickle, energy=wants_energy)

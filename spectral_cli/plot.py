@@ -15,7 +15,7 @@ from .errors import NothingToDoError, SpectralError
 from .render import printable
 
 if TYPE_CHECKING:
-    from .files.inspect import InspectReport
+    from .files.listing import InspectReport
 
 #: inches per layer row, and the tallest figure drawn (inches)
 ROW_INCHES = 0.17

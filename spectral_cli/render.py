@@ -50,7 +50,7 @@ from rich.cells import cell_len, get_character_cell_size
 
 if TYPE_CHECKING:
     from .files.convert import FileReport
-    from .files.inspect import InspectReport
+    from .files.listing import InspectReport
 
 SCHEMA = 1
 

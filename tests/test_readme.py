@@ -27,3 +27,13 @@ def test_the_layer_map_names_every_module() -> None:
     assert not missing, missing
     for folder in ("transform", "statedict", "files"):
         assert f"spectral_cli/{folder}/" in layers
+
+
+def test_the_public_api_table_is_the_exported_names() -> None:
+    import spectral_cli
+
+    section = README[README.index("### Public API") : README.index("## Which basis")]
+    names = re.findall(r"^\| `(\w+)` \| .+ \|$", section, re.M)
+    assert sorted(names) == sorted(spectral_cli.__all__)
+    for name in names:  # each loads (the lazy table names real objects)
+        assert getattr(spectral_cli, name) is not None, name

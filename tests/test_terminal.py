@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from spectral_cli import cli, render
 from spectral_cli.files.convert import FileReport
-from spectral_cli.files.inspect import InspectReport
+from spectral_cli.files.listing import InspectReport
 from spectral_cli.statedict.plan import LayerInfo, Skipped
 from spectral_cli.statedict.surgery import LayerChange
 

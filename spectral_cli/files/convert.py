@@ -2,10 +2,10 @@
 
 Every input goes the same way, whatever its format::
 
-    source (files.sources: a torch file, a safetensors file, a shard directory)
+    source (the input's format module, found in files.registry: the file read and checked)
       -> plan (statedict.plan, from names, specs and records alone)
-      -> transform (statedict.surgery.execute: slab by slab, transform.slabs)
-      -> sink (files.torch_file: one torch.save; files.safetensors_io / files.shards: streamed)
+      -> transform (statedict.surgery: slab by slab, small tensors in batches)
+      -> sink (the output's format module, chosen by files.formats.writer_format: written as it is transformed)
       -> output (files.atomic: unnamed or hidden, synced; files.verify: read back and compared with the input;
                 renamed into place; removed on any failure or signal)
 

@@ -1,4 +1,5 @@
-"""Import paths of the seed package pytorch-parametrizations, so its examples run with ``spectral_cli``."""
+"""Only the seed package's import paths (pytorch-parametrizations' ``spectral`` and ``spectral.utils``), so that its
+examples run with ``spectral_cli``; it defines nothing. New code imports from ``spectral_cli``."""
 
 from ..parametrization import SpectralParametrization
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from ..errors import SpectralError
 
 Basis = Literal["rfft", "rdft"]
-BASES: tuple[str, ...] = ("rfft", "rdft")
+BASES: tuple[Basis, ...] = ("rfft", "rdft")
 DEFAULT_BASIS: Basis = "rfft"
 
 #: how a basis is applied: one product with its dense (taps x taps) matrix, or FFTs axis by axis

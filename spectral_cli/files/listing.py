@@ -21,6 +21,9 @@ from .registry import open_source
 
 @dataclass
 class InspectReport:
+    """A file's layers as ``spectral inspect`` lists them: each ``(location, LayerInfo)``, the energy profiles when
+    computed, and the totals of the file's parameters and tensor bytes."""
+
     source: Path
     format: str
     layers: list[tuple[str, LayerInfo]]
