@@ -25,16 +25,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import SpectralError
+from .statedict.selection import glob_patterns, selected, why_not_convertible
 from .transform.bases import to_spectral
 from .transform.kernels import (
     DEFAULT_BASIS,
     Basis,
     check_basis,
     check_kernel_size,
-    glob_patterns,
-    selected,
+    dtype_name,
     transform_method,
-    why_not_convertible,
 )
 from .transform.matrices import compute_dtype, matrices
 from .transform.synthesis import apply_synthesis
@@ -190,8 +189,8 @@ def _plan_register(
         elif chosen and not isinstance(m._parameters.get("weight"), torch.Tensor):
             reason = _computed_weight(m)
         else:
-            dtype = str(weight.dtype).removeprefix("torch.")
-            reason = why_not_convertible(kernel_size, dtype, masked=_is_masked(m, weight), selected=chosen)
+            reason = why_not_convertible(kernel_size, dtype_name(weight.dtype), masked=_is_masked(m, weight),
+                                         selected=chosen)  # fmt: skip
         if reason is None:
             todo.append((name, m))
         else:

@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.cells import cell_len, get_character_cell_size
 
+from .statedict.keys import layer_of
+
 if TYPE_CHECKING:
     from .files.convert import FileReport
     from .files.listing import InspectReport
@@ -138,28 +140,6 @@ def _error(value: float) -> str:
 def _where(location: str, name: str, show_location: bool, g: Glyphs) -> str:
     """The layer cell: names and file paths printable, in stdout's encoding."""
     return g.say(f"{location}/{name}" if location and show_location else name or "(root)")
-
-
-#: the last parts of a kernel's key after its module's name: a plain weight, a parametrized one (spectral,
-#: weight_norm's original0/original1), the old hooks' (weight_norm's weight_g/weight_v, spectral_norm's and prune's
-#: weight_orig) and the seed package's ``weight_transformed``
-_KERNEL_SUFFIXES = (
-    "parametrizations.weight.original", "parametrizations.weight.original0", "parametrizations.weight.original1",
-    "weight_transformed", "weight_orig", "weight_g", "weight_v", "weight",
-)  # fmt: skip
-
-
-def _module_of(key: str) -> str:
-    """The layer a kernel's key belongs to.
-
-    Example:
-        >>> [_module_of(k) for k in ("enc.weight", "enc.parametrizations.weight.original1", "1.weight_orig", "w")]
-        ['enc', 'enc', '1', 'w']
-    """
-    for suffix in _KERNEL_SUFFIXES:
-        if key == suffix or key.endswith("." + suffix):
-            return key.removesuffix(suffix).removesuffix(".") or key
-    return key
 
 
 # ---- the table layout ------------------------------------------------------------------------------------------
@@ -317,7 +297,7 @@ def _selected(count: int, size: Callable[[int], int]) -> tuple[list[int], int]:
 def _skipped_lines(skipped: Sequence[tuple[str, Any]], several: bool, g: Glyphs) -> list[Line]:
     shown = skipped if len(skipped) <= LONG_SKIPPED else skipped[:FIRST_SKIPPED]
     lines: list[Line] = [
-        Row((_where(loc, _module_of(s.key), several, g),), f"skipped: {g.say(s.reason)}") for loc, s in shown
+        Row((_where(loc, layer_of(s.key), several, g),), f"skipped: {g.say(s.reason)}") for loc, s in shown
     ]
     if len(shown) < len(skipped):
         reasons = Counter(s.reason for _, s in skipped[FIRST_SKIPPED:]).most_common()

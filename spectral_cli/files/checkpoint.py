@@ -114,6 +114,12 @@ class Fingerprint:
             )
 
 
+def read_back_differs(target: Path, what: str = "") -> CheckpointError:
+    """The error of an output whose temporary did not read back as written (``what``: which part)."""
+    said = f" ({what})" if what else ""
+    return CheckpointError(f"{target}: read back differently from what was written{said}; not written")
+
+
 # ---- writing ----------------------------------------------------------------------------------------------------
 
 #: a step run on its part's tensor: the result in pieces, and the change made

@@ -32,9 +32,10 @@ from ..errors import CheckpointError, RefusedError
 from ..statedict.keys import TensorSpec
 from ..statedict.plan import Step
 from ..statedict.records import METADATA_KEY, LayerRecord, parse_records, records_document
-from ..statedict.surgery import MemoryTensor, assemble, dtype_name
+from ..statedict.surgery import MemoryTensor, assemble
+from ..transform.kernels import dtype_name
 from .atomic import Output
-from .checkpoint import Fingerprint, Part, Planned, Reading, Run, Sink, Source, Tick, Writing
+from .checkpoint import Fingerprint, Part, Planned, Reading, Run, Sink, Source, Tick, Writing, read_back_differs
 from .formats import DCP
 
 METADATA_FILE = ".metadata"
@@ -301,7 +302,7 @@ def verify_dcp(directory: Path, expected: Mapping[str, TensorSpec], target: Path
     got = {fqn: TensorSpec(tuple(m.size), dtype_name(m.properties.dtype))
            for fqn, m in entries if type(m).__name__ == "TensorStorageMetadata"}  # fmt: skip
     if got != dict(expected):
-        raise CheckpointError(f"{target}: read back differently from what was written; not written")
+        raise read_back_differs(target)
 
 
 def fsync_tree(directory: Path) -> None:

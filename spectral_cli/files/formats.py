@@ -45,13 +45,17 @@ def kind_of(mode: int) -> str:
     return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
+def _no_such_file(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path}: no such file; check the path")
+
+
 def open_regular(path: Path) -> int:
     """A read-only descriptor of ``path``, which must be a regular file (checked on the open file, so that a
     FIFO swapped in after a check never blocks the read)."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file; check the path") from None
+        raise _no_such_file(path) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
     mode = os.fstat(fd).st_mode
@@ -85,7 +89,7 @@ def detect_format(path: Path) -> str:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file; check the path") from None
+        raise _no_such_file(path) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror}); check the path") from None
     if stat.S_ISDIR(mode):

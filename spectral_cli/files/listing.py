@@ -36,6 +36,7 @@ class InspectReport:
 def _profile(value: Any, info: LayerInfo) -> list[float] | None:
     import torch
 
+    from ..statedict.surgery import rfft_planes
     from ..transform.spectrum import radial_energy
 
     if info.kernel_size is None or info.domain not in ("spectral", "spatial"):
@@ -43,7 +44,7 @@ def _profile(value: Any, info: LayerInfo) -> list[float] | None:
     if not bool(torch.isfinite(value).all()):  # NaN or Inf: no meaningful profile
         return None
     if value.is_complex():
-        value = torch.stack((value.real, value.imag))
+        value = rfft_planes(value)
     layout = info.basis if info.domain == "spectral" else "spatial"
     return radial_energy(value, info.kernel_size, layout or "rfft")
 

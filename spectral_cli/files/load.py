@@ -38,7 +38,7 @@ from ..parametrization import (
     register_spectral_parametrization,
     spectral_parametrization_of,
 )
-from ..statedict.keys import SPECTRAL_SUFFIX, key_prefix, module_name
+from ..statedict.keys import SPECTRAL_SUFFIX, key_prefix, module_name, spectral_key
 from ..statedict.plan import spectral_step
 from ..statedict.surgery import records_of, specs_of
 from ..transform.kernels import Basis
@@ -179,6 +179,6 @@ def _expected_keys(model: nn.Module, plan: Mapping[str, tuple[Basis, tuple[int, 
     for key in model.state_dict():
         name, _, leaf = key.rpartition(".")
         if leaf == "weight" and name in plan and plan[name][2]:
-            key = f"{name}.{SPECTRAL_SUFFIX}" if name else SPECTRAL_SUFFIX
+            key = spectral_key(name)
         keys.add(key)
     return keys

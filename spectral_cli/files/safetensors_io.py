@@ -27,6 +27,7 @@ from .. import __version__
 from ..errors import CheckpointError, RefusedError
 from ..statedict.keys import ITEMSIZE, TensorSpec
 from ..statedict.records import METADATA_KEY, LayerRecord, parse_records, records_document
+from ..transform.kernels import dtype_name
 from .atomic import OutFile, Output
 from .checkpoint import (
     WRITEBACK_BYTES,
@@ -42,6 +43,7 @@ from .checkpoint import (
     by_name,
     ordered,
     produce,
+    read_back_differs,
     total_bytes,
 )
 from .formats import DCP, MAX_SAFETENSORS_HEADER, SAFETENSORS, open_regular
@@ -488,7 +490,7 @@ def _write_pieces(
     try:
         for offset, piece in pieces:
             size = piece.numel() * piece.element_size()
-            if offset < 0 or offset + size > spec.nbytes or str(piece.dtype).removeprefix("torch.") != spec.dtype:
+            if offset < 0 or offset + size > spec.nbytes or dtype_name(piece.dtype) != spec.dtype:
                 raise ValueError(f"{name}: produced a {piece.dtype} piece at {offset}..{offset + size}, outside {spec}")
             out.write(value_bytes(piece), position + offset)
             covered.append((offset, offset + size))
@@ -519,7 +521,7 @@ def verify_header(
     finally:
         os.close(fd)
     if not same:
-        raise CheckpointError(f"{target}: read back differently from what was written; not written")
+        raise read_back_differs(target)
 
 
 def file_metadata(

@@ -31,7 +31,7 @@ from ..statedict.keys import ITEMSIZE, TensorSpec
 from ..statedict.plan import Plan, Step
 from ..statedict.surgery import ReadableTensor, batch_bytes, batch_key, step_input
 from ..transform.slabs import BATCH_BYTES, Scratch, synthesis_error, synthesis_errors
-from .checkpoint import Part, Source
+from .checkpoint import Part, Source, read_back_differs
 from .formats import INDEX_SUFFIX, MODEL_DIR
 from .registry import open_source
 from .syscalls import SYSCALLS, Syscalls
@@ -75,7 +75,7 @@ def verify_output(
     scratch.release()  # the writer's buffers: those of this pass have other sizes
 
     def differs(what: str) -> CheckpointError:
-        return CheckpointError(f"{target}: read back differently from what was written ({what}); not written")
+        return read_back_differs(target, what)
 
     # a bake's float64 reference slabs are 2-4x the writer's: a quarter of its slab size keeps fewer in flight
     wide = Scratch(max(1, scratch.slab_bytes // 4), scratch.workers)

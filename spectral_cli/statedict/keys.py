@@ -76,6 +76,28 @@ def weight_key(name: str) -> str:
     return f"{name}.weight" if name else "weight"
 
 
+#: the last parts of a kernel's key after its module's name: a plain weight, a parametrized one (spectral,
+#: weight_norm's original0/original1), the old hooks' (weight_norm's weight_g/weight_v, spectral_norm's and prune's
+#: weight_orig) and the seed package's ``weight_transformed``
+_KERNEL_SUFFIXES = (
+    "parametrizations.weight.original", "parametrizations.weight.original0", "parametrizations.weight.original1",
+    "weight_transformed", "weight_orig", "weight_g", "weight_v", "weight",
+)  # fmt: skip
+
+
+def layer_of(key: str) -> str:
+    """The layer a kernel's key belongs to.
+
+    Example:
+        >>> [layer_of(k) for k in ("enc.weight", "enc.parametrizations.weight.original1", "1.weight_orig", "w")]
+        ['enc', 'enc', '1', 'w']
+    """
+    for suffix in _KERNEL_SUFFIXES:
+        if key == suffix or key.endswith("." + suffix):
+            return key.removesuffix(suffix).removesuffix(".") or key
+    return key
+
+
 def spectral_key(name: str) -> str:
     return f"{name}.{SPECTRAL_SUFFIX}" if name else SPECTRAL_SUFFIX
 

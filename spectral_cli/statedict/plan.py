@@ -4,7 +4,7 @@ Imports no torch.
 A plan says which keys become which, with which shapes. :mod:`.surgery` executes its steps on tensors; the
 safetensors writer lays out an output header from it before any data is read; ``spectral inspect`` lists a
 safetensors file from its header alone with :func:`describe`. Which kernels are converted is decided by one rule,
-:func:`~spectral_cli.transform.kernels.why_not_convertible`, the registrar's too.
+:func:`~spectral_cli.statedict.selection.why_not_convertible`, the registrar's too.
 
 Example:
     >>> specs = {"conv.weight": TensorSpec((8, 3, 3, 3), "float32"), "conv.bias": TensorSpec((8,), "float32")}
@@ -26,12 +26,9 @@ from ..transform.kernels import (
     DEFAULT_BASIS,
     Basis,
     check_basis,
-    glob_patterns,
-    selected,
     spatial_shape,
     spectral_kernel_shape,
     spectral_shape,
-    why_not_convertible,
 )
 from .keys import (
     COMPLEX_DTYPES,
@@ -47,6 +44,7 @@ from .keys import (
     weight_key,
 )
 from .records import LayerRecord, check_record
+from .selection import glob_patterns, selected, why_not_convertible
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import torch
 
 from .. import __version__
-from ..transform.kernels import DEFAULT_BASIS, Basis
+from ..transform.kernels import DEFAULT_BASIS, Basis, dtype_name
 from ..transform.slabs import (
     BATCH_BYTES,
     Scratch,
@@ -126,10 +126,6 @@ class MemoryTensor:
         return self.tensor
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def spec_of(tensor: torch.Tensor) -> TensorSpec:
     """Shape, dtype name and kind of a tensor: sparse, nested and meta tensors are marked (carried over, never
     transformed)."""
@@ -180,8 +176,13 @@ def step_input(step: Step, stored: ReadableTensor) -> ReadableTensor:
     as rfft planes."""
     if not step.complex_source:
         return stored
-    complex_tensor = stored.whole()
-    return MemoryTensor(torch.stack((complex_tensor.real, complex_tensor.imag)))
+    return MemoryTensor(rfft_planes(stored.whole()))
+
+
+def rfft_planes(coefficients: torch.Tensor) -> torch.Tensor:
+    """Complex rfft coefficients (CompressAI's layout) as this package stores them: real and imaginary planes
+    stacked on a new first dim."""
+    return torch.stack((coefficients.real, coefficients.imag))
 
 
 def execute(step: Step, stored: ReadableTensor, scratch: Scratch, *, measure: bool = True) -> Changes:
@@ -265,8 +266,8 @@ class Batches:
         if self._held > 4 * BATCH_BYTES:  # results a writer did not ask for in the order given: made again if asked
             self._done.clear()
             self._held = 0
-        action, ks, basis, dtype_name, out_dtype_name = key
-        dtype = getattr(torch, dtype_name)
+        action, ks, basis, in_dtype, out_dtype_name = key
+        dtype = getattr(torch, in_dtype)
         steps: list[Step] = []
         reads: list[Callable[[int, torch.Tensor], None]] = []
         rows: list[int] = []

@@ -1,6 +1,5 @@
-"""Kernels as the transform sees them: the two bases by name, the shapes of their tensors, and the one rule of
-which conv kernels are converted, with the include/exclude globs that select them (used by the registrar, the
-plans, ``inspect`` and every message). Imports no torch.
+"""Kernels as the transform sees them: the two bases by name, the shapes of their tensors, the dtypes it computes
+in, and how each kernel size is transformed. Imports no torch.
 
 ``rfft`` stores a weight of shape ``(*lead, *kernel_size)`` as ``(2, *lead, *kernel_size[:-1], kw // 2 + 1)``
 (real plane, imaginary plane); ``rdft`` keeps the weight's shape.
@@ -16,9 +15,8 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from ..errors import SpectralError
@@ -40,42 +38,17 @@ DENSE_MAX_TAPS = 512
 
 #: dtypes whose kernels are converted (computed in float32 at least, stored back in the same dtype)
 CONVERTIBLE_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
-MASKED_REASON = "masked conv (its forward writes weight.data, which a parametrization ignores)"
 
 
-def why_not_convertible(
-    kernel_size: Sequence[int], dtype: str, *, kind: str = "dense", masked: bool = False, selected: bool = True
-) -> str | None:
-    """``None`` if a conv kernel is converted, else why it is left as it is (the reason every listing shows).
-
-    A kernel is converted when it is selected (``include``/``exclude``), a dense tensor of a float dtype, has more
-    than one tap (and no zero-size kernel dimension), and is not masked (CompressAI's ``MaskedConv2d`` writes
-    ``weight.data`` in its forward, which a parametrized weight ignores). ``dtype`` is torch's name without
-    ``torch.`` (``"float32"``).
+def dtype_name(dtype: object) -> str:
+    """torch's name of a dtype without ``torch.`` (``"float32"``), as specs, records and messages write it.
 
     Example:
-        >>> why_not_convertible((3, 3), "float32"), why_not_convertible((1, 1), "float32")
-        (None, '1x1 kernel')
-        >>> why_not_convertible((3, 3), "int8"), why_not_convertible((3, 3), "float32", kind="sparse_coo")
-        ('not float (int8)', 'not a dense tensor (sparse_coo)')
-        >>> why_not_convertible((3, 3), "float8_e4m3fn")
-        'float8 (float8_e4m3fn)'
+        >>> import torch
+        >>> dtype_name(torch.bfloat16)
+        'bfloat16'
     """
-    if not selected:
-        return "excluded"
-    if kind != "dense":
-        return f"not a dense tensor ({kind})"
-    if dtype.startswith("float8"):  # a float, but not one torch computes in: named apart, as a cast fixes it
-        return f"float8 ({dtype})"
-    if dtype not in CONVERTIBLE_DTYPES:
-        return f"not float ({dtype})"
-    if math.prod(kernel_size) == 0:
-        return "empty kernel (a zero-size kernel dimension)"
-    if math.prod(kernel_size) == 1:
-        return "1x1 kernel"
-    if masked:
-        return MASKED_REASON
-    return None
+    return str(dtype).removeprefix("torch.")
 
 
 def transform_method(kernel_size: Sequence[int]) -> Method:
@@ -142,20 +115,3 @@ def spatial_shape(stored_shape: Sequence[int], kernel_size: tuple[int, ...], bas
     """Shape of the weight a spectral tensor of ``stored_shape`` stands for."""
     lead = tuple(stored_shape[1 if basis == "rfft" else 0 : len(stored_shape) - len(kernel_size)])
     return (*lead, *kernel_size)
-
-
-def glob_patterns(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | None:
-    """``include``/``exclude`` as a tuple of glob patterns (a single string is one pattern)."""
-    if value is None:
-        return None
-    items = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Iterable) else (value,)
-    if not all(isinstance(p, str) for p in items):
-        raise SpectralError(f"{what} takes glob patterns (str), got {value!r}")
-    return items
-
-
-def selected(name: str, include: tuple[str, ...] | None, exclude: tuple[str, ...] | None) -> bool:
-    """Whether a qualified name passes the include/exclude globs (``fnmatch`` rules)."""
-    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return False
-    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
