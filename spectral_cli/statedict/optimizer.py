@@ -82,10 +82,14 @@ class OptimizerState:
     notes: list[str] = field(default_factory=list)
 
 
+#: options of every group: torch's own, those lr schedulers add (StepLR's initial_lr, OneCycleLR's max_lr ...), names
+_ANY_OPTIMIZER = frozenset({"lr", "maximize", "params", "initial_lr", "max_lr", "min_lr", "base_lr", "max_momentum",
+                            "base_momentum", "param_names", "name"})  # fmt: skip
+
 #: the parameter-group options of each torch optimizer (torch 2.14; older versions write subsets of them), and
 #: the options that tell it from the others
 _OPTIONS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    name: (frozenset(options.split()) | {"lr", "maximize", "params"}, frozenset(marks.split()))
+    name: (frozenset(options.split()) | _ANY_OPTIMIZER, frozenset(marks.split()))
     for name, options, marks in (
         ("Muon", "adjust_lr_fn eps momentum nesterov ns_coefficients ns_steps weight_decay", "ns_steps"),
         ("SGD", "dampening differentiable foreach fused momentum nesterov weight_decay", "nesterov"),
@@ -362,7 +366,7 @@ def convert_optimizer_state_dict(
                                      reage_to=None if bake else reage_to,
                                      betas=(float(betas[0]), float(betas[1])))  # fmt: skip
                 if done.state is None:
-                    out.dropped.append((name, done.reason or "not convertible"))
+                    out.dropped.append((name, _unknown(group, state) if kind == "unknown" else done.reason or "?"))
                 else:
                     out.state_dict["state"][next_id] = done.state
                     out.converted.append(name)
@@ -377,6 +381,13 @@ def convert_optimizer_state_dict(
             next_id += 1
         out.state_dict["param_groups"].append(new_group)
     return out
+
+
+def _unknown(group: Mapping[str, Any], state: Mapping[str, Any]) -> str:
+    """Why an unknown optimizer's state is dropped, naming what it holds."""
+    options = ", ".join(sorted(str(k) for k in group if k != "params"))
+    return (f"an optimizer spectral_cli does not know (options {options}; state {', '.join(sorted(map(str, state)))}); "
+            "its state cannot be mapped")  # fmt: skip
 
 
 _SPECTRAL = "parametrizations.weight.original"
