@@ -312,3 +312,21 @@ def test_dcp_optimizer_entries_are_renamed_and_converted(tmp_path: Path, flatten
     back = torch.load(tmp_path / "baked.pt", weights_only=False)["optim"]
     again = back["state.2.weight.exp_avg"] if flatten else back["state"]["2.weight"]["exp_avg"]
     assert rel_err(again, original) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"state": 5, "param_groups": "x"},
+        {"state": {0: {"exp_avg": "nope"}}, "param_groups": [{"params": [0], "betas": (0.9, 0.999), "amsgrad": False}]},
+        {"state": {}, "param_groups": [{"params": None}]},
+    ],
+)
+def test_an_optimizer_state_not_laid_out_as_torch_writes_one_is_dropped(tmp_path: Path, state: Any) -> None:
+    source = tmp_path / "odd.pt"
+    torch.save({"model": WithBuffer().state_dict(), "optimizer": state}, source)
+    result = spectral("convert", source, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "every parameter's state dropped" in result.stderr, result.stderr
+    written = read(tmp_path / "odd.spectral.pt")["optimizer"]
+    assert written["state"] == {}

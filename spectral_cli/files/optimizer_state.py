@@ -127,8 +127,18 @@ def convert_positional(
 ) -> tuple[dict[str, Any], OptimizerReport]:
     """A position-keyed optimizer ``state_dict`` converted (or baked, by the ``steps``) for ``model``, the state
     dict it belongs to (names to anything with a ``shape`` and ``dtype``): positions aligned by order and shape,
-    or every state dropped with the reason where they do not align, or ``mode`` is ``"drop"``."""
-    steps = list(steps)
+    or every state dropped with the reason where they do not align, or ``mode`` is ``"drop"``. A state dict not
+    laid out as torch writes one is dropped whole, groups included (loading it into an optimizer then fails)."""
+    try:
+        return _convert_positional(state_dict, model, list(steps), mode, where)
+    except (SpectralError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        why = f"it is not laid out as torch writes one ({type(e).__name__}: {str(e)[:80]})"
+        return {"state": {}, "param_groups": []}, OptimizerReport(where, "unknown", 0, dropped=[("*", why)])
+
+
+def _convert_positional(
+    state_dict: Mapping[str, Any], model: Mapping[str, Any], steps: list[Step], mode: OptimizerMode, where: str
+) -> tuple[dict[str, Any], OptimizerReport]:
     if mode == "drop":
         dropped = dropped_state(state_dict, DROP_ASKED)
     else:
@@ -201,8 +211,18 @@ def convert_dcp_entries(
     where: str,
 ) -> tuple[dict[Path, Any], OptimizerReport]:
     """A DCP optimizer entry (its values by their path below it) converted for ``model``, the state dict of the
-    same checkpoint it belongs to (names relative to that state dict, as the optimizer's are)."""
-    steps = list(steps)
+    same checkpoint it belongs to (names relative to that state dict, as the optimizer's are); one not laid out
+    as torch writes one is reported ``removed`` (left out of the output)."""
+    try:
+        return _convert_dcp_entries(entries, model, list(steps), where)
+    except (SpectralError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        why = f"it is not laid out as torch writes one ({type(e).__name__}: {str(e)[:80]})"
+        return {}, OptimizerReport(where, "unknown", 0, dropped=[("*", why)], removed=True)
+
+
+def _convert_dcp_entries(
+    entries: Mapping[Path, Any], model: Mapping[str, Any], steps: list[Step], where: str
+) -> tuple[dict[Path, Any], OptimizerReport]:
     parsed = {tail: parsed_path(tail) for tail in entries}
     unknown = [tail for tail, p in parsed.items() if p is None]
     groups: dict[Any, dict[str, Any]] = {}
