@@ -420,7 +420,7 @@ def file_report_lines(command: str, report: FileReport, width: int, g: Glyphs = 
     lines += _more(hidden, g)
     lines += _skipped_lines(report.skipped, several, g)
     table = layout(columns, lines, width, CONVERT_DROPS, g.rule)
-    said = [g.say(o.line()) for o in report.optimizer]
+    said = [g.say(o.line(verb)) for o in report.optimizer]
     return [f"{verb}: {g.say(report.source)}", "", *table, *([""] if said else []), *said]
 
 

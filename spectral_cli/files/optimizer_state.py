@@ -89,11 +89,11 @@ class OptimizerReport:
         return [f"optimizer state {self.where}: the state of {_listed(names)} dropped ({why}); they restart their "
                 "moments" for why, names in reasons.items()]  # fmt: skip
 
-    def line(self) -> str:
-        """One line for the command's output: what happened to this state."""
+    def line(self, verb: str = "converted") -> str:
+        """One line for the command's output: what happened to this state (``verb``: ``"baked"`` for bake)."""
         if self.removed or any(name == "*" for name, _ in self.dropped):
             return f"optimizer state {self.where} ({self.optimizer}): dropped"
-        said = f"optimizer state {self.where} ({self.optimizer}): {len(self.converted)} kernels converted"
+        said = f"optimizer state {self.where} ({self.optimizer}): {len(self.converted)} kernels {verb}"
         if self.approximated:
             some = "" if len(self.approximated) == len(self.converted) else f"{len(self.approximated)} "
             said += f" ({some}second moments approximated by the {self.second_moment} map"
