@@ -38,12 +38,16 @@ _EXPORTS = {
     "bake_file": "files.convert",
     "inspect_file": "files.inspect",
     "Options": "files.convert",
+    "convert_optimizer_state": "statedict.optimizer",
+    "convert_optimizer_state_dict": "statedict.optimizer",
+    "OptimizerState": "statedict.optimizer",
 }
 
 __all__ = [
     "BASES",
     "AmbiguousKernelSizeError",
     "Loaded",
+    "OptimizerState",
     "Options",
     "Registration",
     "SpectralError",
@@ -52,6 +56,8 @@ __all__ = [
     "bake_file",
     "bake_state_dict",
     "convert_file",
+    "convert_optimizer_state",
+    "convert_optimizer_state_dict",
     "convert_state_dict",
     "describe_state_dict",
     "inspect_file",
@@ -75,6 +81,7 @@ if TYPE_CHECKING:
         register_spectral_parametrization,
         spectral_shard_placement,
     )
+    from .statedict.optimizer import OptimizerState, convert_optimizer_state, convert_optimizer_state_dict
     from .statedict.surgery import bake_state_dict, convert_state_dict, describe_state_dict
     from .transform.bases import to_spatial, to_spectral
     from .transform.kernels import BASES

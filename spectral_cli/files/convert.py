@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import glob
@@ -55,6 +56,7 @@ from .formats import (
     output_format,
     refuse_adapter,
 )
+from .optimizer_state import OptimizerReport, convert_container, convert_dcp_entries
 from .safetensors_io import WRITEBACK_BYTES, file_metadata, refuse_unstorable, verify_header, write_safetensors
 from .sources import Part, Source, open_source
 from .syscalls import SYSCALLS, Syscalls
@@ -89,6 +91,8 @@ class Options:
     dry_run: bool = False
     force: bool = False
     trust_pickle: bool = False
+    #: what becomes of optimizer state: ``"convert"`` (mapped to the new coordinates; docs/resume.md) or ``"drop"``
+    optimizer: str = "convert"
     #: write safetensors shards of at most this many bytes, and an index
     max_shard_size: int | None = None
     progress: Progress | None = None
@@ -107,6 +111,8 @@ class FileReport:
     changed: list[tuple[str, LayerChange]] = field(default_factory=list)
     skipped: list[tuple[str, Skipped]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    #: what became of each optimizer state the input holds
+    optimizer: list[OptimizerReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     written: bool = False
     #: tensors of the output read back and compared with the input before it was renamed into place
@@ -163,6 +169,9 @@ class Sink:
     dropped: list[str] = field(default_factory=list)
     #: the steps in the order ``write`` runs them, where it is known (small tensors are then run in batches)
     order: list[tuple[Part, Step]] | None = None
+    #: each optimizer state, and the container entries replaced by the converted states (as verify expects them)
+    optimizers: list[OptimizerReport] = field(default_factory=list)
+    replaced: dict[str, Any] = field(default_factory=dict)
 
 
 def _transform(action: Action, path: Path, options: Options) -> FileReport:
@@ -194,11 +203,8 @@ def _transform_file(action: Action, path: Path, options: Options) -> FileReport:
             return report
         sink = _sink(src, plans, options, "spectral" if action == "convert" else "baked")
         report.target, report.output_format, report.dropped = sink.target, sink.format, sink.dropped
-        if sink.dropped:
-            report.warnings.append(
-                f"dropped optimizer state ({', '.join(sink.dropped)}): it refers to the weights as they were; "
-                "rebuild the optimizer after loading"
-            )
+        report.optimizer = sink.optimizers
+        report.warnings += [line for optimizer in sink.optimizers for line in optimizer.warnings()]
         check_output(src.inputs(), sink.target, force=options.force, directory=sink.directory)
         with Scratch(options.io.slab_bytes) as scratch:
             asked = sink.order if sink.order is not None and not options.dry_run else [
@@ -224,7 +230,8 @@ def _transform_file(action: Action, path: Path, options: Options) -> FileReport:
                         src.check_unchanged()
                         verify(written)
                         verified = verify_output(src, written, plans, sink.target, scratch, dropped=sink.dropped,
-                                                 trust_pickle=options.trust_pickle, syscalls=io.syscalls)  # fmt: skip
+                                                 replaced=sink.replaced, trust_pickle=options.trust_pickle,
+                                                 syscalls=io.syscalls)  # fmt: skip
                         _measured_on_disk(report, verified)
 
                     out.commit(check)
@@ -344,7 +351,7 @@ def _shards_sink(src: Source, planned: tuple[Part, Plan], target: Path, options:
 
 
 def _torch_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options: Options) -> Sink:
-    from .torch_file import optimizer_keys, set_at, write_torch
+    from .torch_file import set_at, write_torch
 
     if src.format == SHARDED:
         raise RefusedError(f"{target}: safetensors shards are written as safetensors; give -o a directory or a "
@@ -353,7 +360,10 @@ def _torch_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, optio
         raise RefusedError(f"{target}: a distributed checkpoint is written as one (give -o a directory) or, one state "
                            "dict of it, as .safetensors")  # fmt: skip
     container = getattr(src, "obj", None)
-    dropped = optimizer_keys(container)
+    replaced: dict[str, Any] = {}
+    optimizers: list[OptimizerReport] = []
+    if isinstance(container, Mapping) and plans[0][0].location:  # a container's optimizers: of its first state dict
+        replaced, optimizers = convert_container(container, plans[0][0].specs, plans[0][1].steps, options.optimizer)  # type: ignore[arg-type]
 
     def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
         obj = container
@@ -367,12 +377,12 @@ def _torch_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, optio
                 else:
                     tensors[key] = part.values[key] if part.values is not None else part.tensor(key).whole()
             obj = set_at(obj, part.location, with_records(tensors, plan.records, part.values))
-        if dropped and isinstance(obj, Mapping):
-            obj = {k: v for k, v in obj.items() if k not in dropped}
+        if replaced and isinstance(obj, Mapping):
+            obj = type(obj)((k, replaced.get(k, v)) for k, v in obj.items()) if isinstance(obj, dict) else obj
         write_torch(output.file(), obj)
         return lambda written: None  # read back by verify_output, as every output is
 
-    return Sink(target, TORCH, False, write, dropped=dropped)
+    return Sink(target, TORCH, False, write, optimizers=optimizers, replaced=replaced)
 
 
 def _by_name(specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
@@ -382,24 +392,44 @@ def _by_name(specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
 
 
 def _dcp_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options: Options) -> Sink:
-    """A distributed checkpoint in, one out: the same entries, the converted state dicts changed, optimizer state
-    dropped, each tensor computed when torch's writer asks for it."""
+    """A distributed checkpoint in, one out: the same entries, the converted state dicts changed, optimizer entries
+    converted with them (or left out), each tensor computed when torch's writer asks for it."""
     import torch
 
     from .dcp import DcpSource, DcpTensor, fsync_tree, nest, records_entry, verify_dcp, write_dcp
 
     assert isinstance(src, DcpSource)
-    dropped = src.optimizer_groups()
+    groups, dropped = src.optimizer_groups(), []
+    optimizers: list[OptimizerReport] = []
+    converted: dict[str, dict[tuple[Any, ...], Any]] = {}
+    for group in groups:
+        if options.optimizer == "drop":
+            entries = src.group(group, tensors=False)
+        else:
+            entries, report = convert_dcp_entries(src.group(group), plans[0][0].specs, plans[0][1].steps, group)
+        if options.optimizer == "drop" or report.removed:
+            from .optimizer_state import DROP_ASKED, removed_report
+
+            if options.optimizer == "drop":
+                report = removed_report(group, _dcp_options(entries), DROP_ASKED)
+            dropped.append(group)
+        else:
+            converted[group] = entries
+        optimizers.append(report)
 
     def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
-        flat = src.others([part.location for part, _ in plans], dropped)
+        flat = src.others([part.location for part, _ in plans], groups)
         paths = dict(src.paths)
         produce: dict[str, Callable[[], torch.Tensor]] = {}
+        for group, entries in converted.items():
+            for tail, value in entries.items():
+                fqn = ".".join(map(str, (group, *tail)))
+                flat[fqn], paths[fqn] = value, (group, *tail)
 
         for fqn, value in flat.items():
             if isinstance(value, torch.Tensor):
                 spec = TensorSpec(tuple(value.shape), str(value.dtype).removeprefix("torch."))
-                produce[fqn] = DcpTensor(src, fqn, spec).whole
+                produce[fqn] = DcpTensor(src, fqn, spec).whole if value.is_meta else _constant(value)
         for part, plan in plans:
             steps = {s.source_key: s for s in plan.steps}
             for key, spec in part.specs.items():
@@ -419,7 +449,23 @@ def _dcp_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options
                     for fqn, v in flat.items() if isinstance(v, torch.Tensor)}  # fmt: skip
         return lambda written: verify_dcp(written, expected, target)
 
-    return Sink(target, DCP, True, write, dropped=dropped)
+    return Sink(target, DCP, True, write, dropped=dropped, optimizers=optimizers)
+
+
+def _constant(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
+def _dcp_options(entries: Mapping[tuple[Any, ...], Any]) -> dict[str, Any]:
+    """An optimizer state dict of a DCP optimizer entry's parameter-group options (enough to name its class)."""
+    from .optimizer_state import parsed_path
+
+    options: dict[str, Any] = {}
+    for tail, value in entries.items():
+        p = parsed_path(tail)
+        if p is not None and p[0] == "param_groups":
+            options[p[2]] = value
+    return {"state": {}, "param_groups": [options]}
 
 
 def _directory_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, options: Options) -> Sink:
@@ -472,7 +518,9 @@ def _directory_sink(src: Source, plans: list[tuple[Part, Plan]], target: Path, o
     tensors = sum(sink.total_tensors for _, sink, _ in units if sink is not None)
     order = [entry for _, sink, unit_src in units if sink is not None
              for entry in (sink.order or [(p, s) for p in unit_src.parts for s in plan_of[id(p)].steps])]  # fmt: skip
-    return Sink(target, MODEL_DIR, True, write, total, tensors, dropped, order)
+    optimizers = [dataclasses.replace(o, where=f"{unit}/{o.where}") for unit, sink, _ in units if sink is not None
+                  for o in sink.optimizers]  # fmt: skip
+    return Sink(target, MODEL_DIR, True, write, total, tensors, dropped, order, optimizers)
 
 
 def _transformed(part: Part, step: Step, run: Run) -> Callable[[], Any]:

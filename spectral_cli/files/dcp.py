@@ -9,7 +9,8 @@ from its chunks by torch; the output is written one tensor per file, each comput
 memory holds the largest tensor, never the checkpoint.
 
 Each top-level entry whose tensors form a model state dict (``{"model": ..., "optim": ...}``) is a state dict of
-its own; optimizer state is dropped once weights change. The records (with the torch version: DCP promises
+its own; an optimizer's entries are converted with them (by parameter name, or aligned by position:
+:mod:`.optimizer_state`), or left out with ``--optimizer drop``. The records (with the torch version: DCP promises
 nothing across versions) are a non-tensor entry ``spectral_cli`` beside the converted tensors, which
 ``dcp.load(model.state_dict())`` ignores.
 """
@@ -165,9 +166,26 @@ class DcpSource:
         """Top-level entries that are an optimizer's state (``state`` and ``param_groups`` below them)."""
         below: dict[str, set[Any]] = {}
         for p in self.paths.values():
-            if len(p) > 1:
-                below.setdefault(str(p[0]), set()).add(p[1])
+            if len(p) > 1:  # nested (``state``), or flattened (``state.conv.weight.exp_avg``)
+                below.setdefault(str(p[0]), set()).add(str(p[1]).split(".", 1)[0])
         return [g for g, keys in below.items() if {"state", "param_groups"} <= keys]
+
+    def group(self, name: str, tensors: bool = True) -> dict[tuple[Any, ...], Any]:
+        """The entries below the top-level entry ``name``, loaded, by their path below it (tensors left out
+        unless ``tensors``)."""
+        holder: dict[str, Any] = {}
+        for fqn, p in self.paths.items():
+            if str(p[0]) != name:
+                continue
+            if self._is_tensor(fqn):
+                if tensors:
+                    meta = self.entries[fqn]
+                    holder[fqn] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+            else:
+                holder[fqn] = None
+        if holder:
+            self.load(holder)
+        return {tuple(self.paths[fqn][1:]): value for fqn, value in holder.items()}
 
     def _is_tensor(self, fqn: str) -> bool:
         return type(self.entries[fqn]).__name__ == "TensorStorageMetadata"
@@ -250,7 +268,18 @@ def nest(flat: Mapping[str, Any], paths: Mapping[str, tuple[Any, ...]]) -> dict[
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
-    return out
+    nested: dict[str, Any] = _lists(out)
+    return nested
+
+
+def _lists(node: Any) -> Any:
+    """Nodes whose keys are list indices (DCP's path of a list item is its int index) back into lists."""
+    if not isinstance(node, dict):
+        return node
+    items = {k: _lists(v) for k, v in node.items()}
+    if items and all(type(k) is int for k in items) and sorted(items) == list(range(len(items))):
+        return [items[i] for i in range(len(items))]
+    return items
 
 
 def _unwrapped(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

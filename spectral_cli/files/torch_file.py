@@ -105,20 +105,6 @@ def find_state_dicts(obj: Any) -> list[tuple[str, ...]]:
     return found
 
 
-def is_optimizer_state(value: Any) -> bool:
-    """An optimizer ``state_dict()``, or a list of them (Lightning's ``optimizer_states``)."""
-    if isinstance(value, Mapping):
-        return "state" in value and "param_groups" in value
-    return isinstance(value, list | tuple) and bool(value) and all(is_optimizer_state(v) for v in value)
-
-
-def optimizer_keys(obj: Any) -> list[str]:
-    """The container's entries that hold optimizer state (dropped once weights change)."""
-    if not isinstance(obj, Mapping):
-        return []
-    return [k for k, v in obj.items() if isinstance(k, str) and is_optimizer_state(v)]
-
-
 def _depth(obj: Any, limit: int) -> int:
     """How deeply ``obj``'s containers nest, counted up to ``limit + 1`` (without recursion)."""
     deepest, stack, seen = 0, [(obj, 1)], set()
