@@ -42,6 +42,9 @@ _EXPORTS = {
     "SurgeryResult": "statedict.surgery",
     "LayerChange": "statedict.surgery",
     "Basis": "transform.kernels",
+    "convert_optimizer_state": "statedict.optimizer",
+    "convert_optimizer_state_dict": "statedict.optimizer",
+    "OptimizerState": "statedict.optimizer",
 }
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "InspectReport",
     "LayerChange",
     "Loaded",
+    "OptimizerState",
     "Registration",
     "SpectralError",
     "SpectralParametrization",
@@ -60,6 +64,8 @@ __all__ = [
     "bake_file",
     "bake_state_dict",
     "convert_file",
+    "convert_optimizer_state",
+    "convert_optimizer_state_dict",
     "convert_state_dict",
     "describe_state_dict",
     "inspect_file",
@@ -83,6 +89,7 @@ if TYPE_CHECKING:
         register_spectral_parametrization,
         spectral_shard_placement,
     )
+    from .statedict.optimizer import OptimizerState, convert_optimizer_state, convert_optimizer_state_dict
     from .statedict.surgery import LayerChange, SurgeryResult, bake_state_dict, convert_state_dict, describe_state_dict
     from .transform.bases import to_spatial, to_spectral
     from .transform.kernels import BASES, Basis

@@ -106,6 +106,15 @@ def parse_size(text: str | None) -> int | None:
     return size
 
 
+def parse_optimizer(text: str) -> str:
+    """``--optimizer``: ``convert`` or ``drop``."""
+    from .errors import SpectralError
+
+    if text not in ("convert", "drop"):
+        raise SpectralError(f"--optimizer {text!r}: use convert (map the optimizer state to the new weights) or drop")
+    return text
+
+
 def parse_basis(text: str) -> str:
     """``--basis``: one of the bases' names."""
     from .errors import SpectralError
@@ -217,6 +226,17 @@ ShardOpt = Annotated[
         help="Write safetensors shards of at most this size (e.g. 2GB) and an index.",
     ),
 ]
+OptimizerOpt = Annotated[
+    str,
+    typer.Option(
+        "--optimizer",
+        metavar="[convert|drop]",
+        help="What becomes of optimizer state in the checkpoint (torch containers, Lightning, DCP): convert maps "
+        "it to the new weights (momentum and Adam's first moment exactly, Adam's second moment approximated and "
+        "re-aged to 10 steps) so a run resumes without a dip; drop starts every parameter's state afresh "
+        "(learning rates kept; DCP: the optimizer entries are left out).",
+    ),
+]
 TrustOpt = Annotated[
     bool,
     typer.Option("--trust-pickle", help="Allow loading a pickled nn.Module. This RUNS CODE from the file."),
@@ -243,13 +263,14 @@ def convert(
     quiet: QuietOpt = False,
     max_shard_size: ShardOpt = None,
     trust_pickle: TrustOpt = False,
+    optimizer: OptimizerOpt = "convert",
 ) -> None:
     """Turn a checkpoint's conv kernels into spectral 'original' tensors, as torch.nn.utils.parametrize stores them."""
 
     def body() -> None:
         _transform(ctx, "convert", input, as_json, quiet, output=output, basis=parse_basis(basis), include=include,
                    exclude=exclude, dry_run=dry_run, force=force, trust_pickle=trust_pickle,
-                   max_shard_size=parse_size(max_shard_size))  # fmt: skip
+                   max_shard_size=parse_size(max_shard_size), optimizer=parse_optimizer(optimizer))  # fmt: skip
 
     console.run(as_json, body, input)
 
@@ -271,6 +292,7 @@ def bake(
     quiet: QuietOpt = False,
     max_shard_size: ShardOpt = None,
     trust_pickle: TrustOpt = False,
+    optimizer: OptimizerOpt = "convert",
 ) -> None:
     """Turn spectral tensors back into plain spatial weights, in their original dtype, for deployment."""
 
@@ -280,7 +302,7 @@ def bake(
         try:
             _transform(ctx, "bake", input, as_json, quiet, output=output, kernel_size=parse_kernel_size(kernel_size),
                        dry_run=dry_run, force=force, trust_pickle=trust_pickle,
-                       max_shard_size=parse_size(max_shard_size))  # fmt: skip
+                       max_shard_size=parse_size(max_shard_size), optimizer=parse_optimizer(optimizer))  # fmt: skip
         except AmbiguousKernelSizeError as e:
             if "--kernel-size" in str(e):
                 raise

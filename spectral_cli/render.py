@@ -29,7 +29,14 @@ JSON schema (version 1), stable; new fields may be added, none removed or rename
      "layers": [{"name", "location", "source_key", "key", "domain": "spectral" | "spatial", "basis",
                  "kernel_size", "shape_before", "shape", "dtype", "params_before", "params", "max_error",
                  "inferred"}],
-     "skipped": [{"location", "key", "reason", "fix"}], "dropped": [str], "warnings": [str], "max_error": float | null}
+     "skipped": [{"location", "key", "reason", "fix"}], "dropped": [str], "warnings": [str], "max_error": float | null,
+     "optimizer": [{"location", "optimizer", "parameters": int, "converted": [str], "approximated": [str],
+                    "second_moment": str, "reaged_to": int | null, "dropped": [{"parameter", "reason"}],
+                    "removed": bool}]}
+
+``dropped`` lists the container entries left out of the output; ``optimizer`` says what became of each optimizer
+state: the parameters whose state was converted (by their names in the input), those of them holding
+approximations, and those whose state was dropped (``"*"``: every parameter's) and why.
 
 Errors print ``{"schema": 1, "error": str, "exit_code": int}`` on stdout with ``--json``.
 """
@@ -347,6 +354,20 @@ def file_report_json(command: str, report: FileReport, dry_run: bool) -> dict[st
         "dropped": report.dropped,
         "warnings": report.warnings,
         "max_error": max(errors) if errors and all(math.isfinite(e) for e in errors) else None,
+        "optimizer": [
+            {
+                "location": o.where,
+                "optimizer": o.optimizer,
+                "parameters": o.parameters,
+                "converted": o.converted,
+                "approximated": o.approximated,
+                "second_moment": o.second_moment,
+                "reaged_to": o.reaged,
+                "dropped": [{"parameter": name, "reason": why} for name, why in o.dropped],
+                "removed": o.removed,
+            }
+            for o in report.optimizer
+        ],
     }
 
 
@@ -379,7 +400,9 @@ def file_report_lines(command: str, report: FileReport, width: int, g: Glyphs = 
         lines.append(Row(cells))
     lines += _more(hidden, g)
     lines += _skipped_lines(report.skipped, several, g)
-    return [f"{verb}: {g.say(report.source)}", "", *layout(columns, lines, width, CONVERT_DROPS, g.rule)]
+    table = layout(columns, lines, width, CONVERT_DROPS, g.rule)
+    said = [g.say(o.line(verb)) for o in report.optimizer]
+    return [f"{verb}: {g.say(report.source)}", "", *table, *([""] if said else []), *said]
 
 
 def file_report_summary(command: str, report: FileReport) -> str:

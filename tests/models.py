@@ -310,6 +310,13 @@ def check_file_report_json(doc: Mapping[str, Any], command: str) -> None:
         assert all(isinstance(v, str) for v in skipped.values())
     assert all(isinstance(d, str) for d in doc["dropped"])
     assert all(isinstance(w, str) for w in doc["warnings"])
+    for optimizer in doc["optimizer"]:
+        assert isinstance(optimizer["location"], str) and isinstance(optimizer["optimizer"], str)
+        assert _is_int(optimizer["parameters"]) and isinstance(optimizer["removed"], bool)
+        assert all(isinstance(n, str) for n in optimizer["converted"] + optimizer["approximated"])
+        assert set(optimizer["approximated"]) <= set(optimizer["converted"])
+        assert optimizer["reaged_to"] is None or _is_int(optimizer["reaged_to"])
+        assert all(set(d) == {"parameter", "reason"} for d in optimizer["dropped"])
     errors = [layer["max_error"] for layer in doc["layers"]]
     if errors and None not in errors:
         assert doc["max_error"] == max(errors)

@@ -25,6 +25,7 @@ from .syscalls import SYSCALLS, Syscalls
 if TYPE_CHECKING:
     from ..statedict.surgery import Changes, ReadableTensor
     from .atomic import Output
+    from .optimizer_state import OptimizerReport
 
 #: bytes of a transformed tensor written between two background syncs (:mod:`.safetensors_io`)
 WRITEBACK_BYTES = 64 << 20
@@ -132,10 +133,13 @@ Planned = list[tuple[Part, Plan]]
 
 @dataclass(frozen=True)
 class Writing:
-    """What a format's writer is asked for beyond the plans: shards of at most ``max_shard_size`` bytes, the
-    piece sizes of :class:`Io`, and (for a model directory's units) the writer of each format."""
+    """What a format's writer is asked for beyond the plans: shards of at most ``max_shard_size`` bytes, what
+    becomes of optimizer state, the piece sizes of :class:`Io`, and (for a model directory's units) the writer of
+    each format."""
 
     max_shard_size: int | None = None
+    #: what becomes of optimizer state: ``"convert"`` or ``"drop"`` (:mod:`.optimizer_state`)
+    optimizer: str = "convert"
     io: Io = field(default_factory=Io)
     sink_for: Callable[[str], Format] | None = None
 
@@ -154,6 +158,9 @@ class Sink:
     dropped: list[str] = field(default_factory=list)
     #: the steps in the order ``write`` runs them, where it is known (small tensors are then run in batches)
     order: list[tuple[Part, Step]] | None = None
+    #: each optimizer state, and the container entries replaced by the converted states (as verify expects them)
+    optimizers: list[OptimizerReport] = field(default_factory=list)
+    replaced: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from ..transform.slabs import Scratch
 from .atomic import Output
 from .checkpoint import Io, Part, Planned, Sink, Source, Tick, Writing
 from .formats import check_output, default_output, refuse_adapter, writer_format
+from .optimizer_state import OptimizerReport
 from .registry import format_of, open_source
 from .verify import Verified, verify_output
 
@@ -65,6 +66,8 @@ class Options:
     dry_run: bool = False
     force: bool = False
     trust_pickle: bool = False
+    #: what becomes of optimizer state: ``"convert"`` (mapped to the new coordinates; docs/resume.md) or ``"drop"``
+    optimizer: str = "convert"
     #: write safetensors shards of at most this many bytes, and an index
     max_shard_size: int | None = None
     progress: Progress | None = None
@@ -82,6 +85,8 @@ class FileReport:
     changed: list[tuple[str, LayerChange]] = field(default_factory=list)
     skipped: list[tuple[str, Skipped]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    #: what became of each optimizer state the input holds
+    optimizer: list[OptimizerReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     written: bool = False
     #: tensors of the output read back and compared with the input before it was renamed into place
@@ -99,6 +104,7 @@ def convert_file(
     dry_run: bool = False,
     force: bool = False,
     trust_pickle: bool = False,
+    optimizer: str = "convert",
     max_shard_size: int | None = None,
     progress: Progress | None = None,
 ) -> FileReport:
@@ -106,7 +112,9 @@ def convert_file(
     as ``spectral convert`` does (its options by the same names). Raises
     :class:`~spectral_cli.errors.NothingToDoError` if there are none; a file already converted gives a report with
     ``message`` and writes nothing."""
-    options = Options(output, basis, include, exclude, None, dry_run, force, trust_pickle, max_shard_size, progress)
+    options = Options(output=output, basis=basis, include=include, exclude=exclude, dry_run=dry_run, force=force,
+                      trust_pickle=trust_pickle, optimizer=optimizer, max_shard_size=max_shard_size,
+                      progress=progress)  # fmt: skip
     return convert(Path(source), options)
 
 
@@ -120,13 +128,15 @@ def bake_file(
     dry_run: bool = False,
     force: bool = False,
     trust_pickle: bool = False,
+    optimizer: str = "convert",
     max_shard_size: int | None = None,
     progress: Progress | None = None,
 ) -> FileReport:
     """Bake every spectral tensor of a checkpoint back to a spatial weight in its original dtype, as ``spectral
     bake`` does; ``kernel_size`` is for record-less tensors whose shape does not tell it."""
-    options = Options(output, DEFAULT_BASIS, include, exclude, kernel_size, dry_run, force, trust_pickle,
-                      max_shard_size, progress)  # fmt: skip
+    options = Options(output=output, include=include, exclude=exclude, kernel_size=kernel_size, dry_run=dry_run,
+                      force=force, trust_pickle=trust_pickle, optimizer=optimizer, max_shard_size=max_shard_size,
+                      progress=progress)  # fmt: skip
     return bake(Path(source), options)
 
 
@@ -188,11 +198,8 @@ def _transform_file(action: Action, path: Path, options: Options, io: Io) -> Fil
             return report
         sink = _sink(src, plans, options, io, "spectral" if action == "convert" else "baked")
         report.target, report.output_format, report.dropped = sink.target, sink.format, sink.dropped
-        if sink.dropped:
-            report.warnings.append(
-                f"dropped optimizer state ({', '.join(sink.dropped)}): it refers to the weights as they were; "
-                "rebuild the optimizer after loading"
-            )
+        report.optimizer = sink.optimizers
+        report.warnings += [line for optimizer in sink.optimizers for line in optimizer.warnings()]
         check_output(src.inputs(), sink.target, force=options.force, directory=sink.directory)
         with Scratch(io.slab_bytes) as scratch:
             asked = sink.order if sink.order is not None and not options.dry_run else [
@@ -217,7 +224,8 @@ def _transform_file(action: Action, path: Path, options: Options, io: Io) -> Fil
                         src.check_unchanged()
                         verify(written)
                         verified = verify_output(src, written, plans, sink.target, scratch, dropped=sink.dropped,
-                                                 trust_pickle=options.trust_pickle, syscalls=io.syscalls)  # fmt: skip
+                                                 replaced=sink.replaced, trust_pickle=options.trust_pickle,
+                                                 syscalls=io.syscalls)  # fmt: skip
                         _measured_on_disk(report, verified)
 
                     out.commit(check)
@@ -266,7 +274,7 @@ def _sink(src: Source, plans: Planned, options: Options, io: Io, tag: str) -> Si
     out = None if options.output is None else Path(options.output)
     fmt = writer_format(src.path, src.format, out, sharded=options.max_shard_size is not None)
     target = out or default_output(src.path, tag, fmt)
-    return format_of(fmt).sink(src, plans, target, Writing(options.max_shard_size, io, format_of))
+    return format_of(fmt).sink(src, plans, target, Writing(options.max_shard_size, options.optimizer, io, format_of))
 
 
 def _ticker(progress: Progress | None, sink: Sink) -> Tick:

@@ -9,7 +9,8 @@ from its chunks by torch; the output is written one tensor per file, each comput
 memory holds the largest tensor, never the checkpoint.
 
 Each top-level entry whose tensors form a model state dict (``{"model": ..., "optim": ...}``) is a state dict of
-its own; optimizer state is dropped once weights change. The records (with the torch version: DCP promises
+its own; an optimizer's entries are converted with them (by parameter name, or aligned by position:
+:mod:`.optimizer_state`), or left out with ``--optimizer drop``. The records (with the torch version: DCP promises
 nothing across versions) are a non-tensor entry ``spectral_cli`` beside the converted tensors, which
 ``dcp.load(model.state_dict())`` ignores.
 """
@@ -37,6 +38,7 @@ from ..transform.kernels import dtype_name
 from .atomic import Output
 from .checkpoint import Fingerprint, Part, Planned, Reading, Run, Sink, Source, Tick, Writing, read_back_differs
 from .formats import DCP
+from .optimizer_state import DROP_ASKED, OptimizerReport, convert_dcp_entries, parsed_path, removed_report
 
 METADATA_FILE = ".metadata"
 
@@ -162,9 +164,26 @@ class DcpSource:
         """Top-level entries that are an optimizer's state (``state`` and ``param_groups`` below them)."""
         below: dict[str, set[Any]] = {}
         for p in self.paths.values():
-            if len(p) > 1:
-                below.setdefault(str(p[0]), set()).add(p[1])
+            if len(p) > 1:  # nested (``state``), or flattened (``state.conv.weight.exp_avg``)
+                below.setdefault(str(p[0]), set()).add(str(p[1]).split(".", 1)[0])
         return [g for g, keys in below.items() if {"state", "param_groups"} <= keys]
+
+    def group(self, name: str, tensors: bool = True) -> dict[tuple[Any, ...], Any]:
+        """The entries below the top-level entry ``name``, loaded, by their path below it (tensors left out
+        unless ``tensors``)."""
+        holder: dict[str, Any] = {}
+        for fqn, p in self.paths.items():
+            if str(p[0]) != name:
+                continue
+            if self._is_tensor(fqn):
+                if tensors:
+                    meta = self.entries[fqn]
+                    holder[fqn] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+            else:
+                holder[fqn] = None
+        if holder:
+            self.load(holder)
+        return {tuple(self.paths[fqn][1:]): value for fqn, value in holder.items()}
 
     def _is_tensor(self, fqn: str) -> bool:
         return type(self.entries[fqn]).__name__ == "TensorStorageMetadata"
@@ -247,7 +266,18 @@ def nest(flat: Mapping[str, Any], paths: Mapping[str, tuple[Any, ...]]) -> dict[
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
-    return out
+    nested: dict[str, Any] = _lists(out)
+    return nested
+
+
+def _lists(node: Any) -> Any:
+    """Nodes whose keys are list indices (DCP's path of a list item is its int index) back into lists."""
+    if not isinstance(node, dict):
+        return node
+    items = {k: _lists(v) for k, v in node.items()}
+    if items and all(type(k) is int for k in items) and sorted(items) == list(range(len(items))):
+        return [items[i] for i in range(len(items))]
+    return items
 
 
 def _unwrapped(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -325,19 +355,37 @@ def source(path: Path, fmt: str, reading: Reading) -> DcpSource:
 
 
 def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
-    """A distributed checkpoint in, one out: the same entries, the converted state dicts changed, optimizer state
-    dropped, each tensor computed when torch's writer asks for it."""
+    """A distributed checkpoint in, one out: the same entries, the converted state dicts changed, optimizer entries
+    converted with them (or left out), each tensor computed when torch's writer asks for it."""
     assert isinstance(src, DcpSource)  # only a DCP input is written as one (formats.writer_format)
-    dropped = src.optimizer_groups()
+    groups, dropped = src.optimizer_groups(), []
+    optimizers: list[OptimizerReport] = []
+    converted: dict[str, dict[tuple[Any, ...], Any]] = {}
+    for group in groups:
+        if writing.optimizer == "drop":
+            entries = src.group(group, tensors=False)
+            report = removed_report(group, _dcp_options(entries), DROP_ASKED)
+        else:
+            entries, report = convert_dcp_entries(src.group(group), plans[0][0].specs, plans[0][1].steps, group)
+        if writing.optimizer == "drop" or report.removed:
+            dropped.append(group)
+        else:
+            converted[group] = entries
+        optimizers.append(report)
 
     def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
-        flat = src.others([part.location for part, _ in plans], dropped)
+        flat = src.others([part.location for part, _ in plans], groups)
         paths = dict(src.paths)
         produce: dict[str, Callable[[], torch.Tensor]] = {}
+        for group, entries in converted.items():
+            for tail, value in entries.items():
+                fqn = ".".join(map(str, (group, *tail)))
+                flat[fqn], paths[fqn] = value, (group, *tail)
 
         for fqn, value in flat.items():
             if isinstance(value, torch.Tensor):
-                produce[fqn] = DcpTensor(src, fqn, TensorSpec(tuple(value.shape), dtype_name(value.dtype))).whole
+                spec = TensorSpec(tuple(value.shape), dtype_name(value.dtype))
+                produce[fqn] = DcpTensor(src, fqn, spec).whole if value.is_meta else _constant(value)
         for part, plan in plans:
             by_target = {s.target_key: s for s in plan.steps}
             for name, after in plan.output_specs(part.specs).items():
@@ -355,7 +403,21 @@ def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
                     for fqn, v in flat.items() if isinstance(v, torch.Tensor)}  # fmt: skip
         return lambda written: verify_dcp(written, expected, target)
 
-    return Sink(target, DCP, True, write, dropped=dropped)
+    return Sink(target, DCP, True, write, dropped=dropped, optimizers=optimizers)
+
+
+def _constant(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
+def _dcp_options(entries: Mapping[tuple[Any, ...], Any]) -> dict[str, Any]:
+    """An optimizer state dict of a DCP optimizer entry's parameter-group options (enough to name its class)."""
+    options: dict[str, Any] = {}
+    for tail, value in entries.items():
+        p = parsed_path(tail)
+        if p is not None and p[0] == "param_groups":
+            options[p[2]] = value
+    return {"state": {}, "param_groups": [options]}
 
 
 def _transformed(part: Part, step: Step, run: Run) -> Callable[[], torch.Tensor]:

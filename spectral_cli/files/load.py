@@ -6,6 +6,11 @@ and kernel size, and loads it with ``strict=True``. Everything is checked before
 the model lacks, a kernel size or basis that differs, keys that would not load, each is one
 :class:`~spectral_cli.SpectralError` naming both sides.
 
+With ``optimizer=``, an optimizer built over the registered model's parameters is given the file's optimizer state
+(``spectral convert`` converted it for the registered parameters, in their order), so training resumes where the
+checkpoint left it: register first (:func:`~spectral_cli.register_spectral_parametrization`, or a first
+``load_spectral``), build the optimizer, then load.
+
 Example:
     >>> import torch
     >>> from spectral_cli import convert_state_dict, load_spectral
@@ -13,7 +18,7 @@ Example:
     >>> converted = convert_state_dict(net.state_dict(), basis="rdft", exclude="2").state_dict
     >>> fresh = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
     >>> load_spectral(fresh, converted)
-    Loaded(registered=(('0', 'rdft', (3, 3)),), already=(), source='state dict', location='', prefix='')
+    Loaded(registered=(('0', 'rdft', (3, 3)),), already=(), source='state dict', location='', prefix='', optimizer='')
     >>> type(fresh[0]).__name__, type(fresh[2]).__name__
     ('ParametrizedConv2d', 'Conv2d')
 """
@@ -48,17 +53,22 @@ from .registry import open_source
 @dataclass(frozen=True)
 class Loaded:
     """What :func:`load_spectral` did: ``(layer, basis, kernel size)`` registered, layers that already were (with
-    the same basis), the source, the state dict's location in its container, and the key prefix it dropped."""
+    the same basis), the source, the state dict's location in its container, the key prefix it dropped, and the
+    container entry the optimizer state was loaded from (``""``: none was asked for)."""
 
     registered: tuple[tuple[str, Basis, tuple[int, ...]], ...]
     already: tuple[str, ...]
     source: str
     location: str
     prefix: str
+    optimizer: str = ""
 
 
-def _read(source: Path, location: str | None, trust_pickle: bool) -> tuple[Mapping[str, Any], dict[str, Any], str]:
-    """The state dict of a checkpoint file (its tensors read whole), its records, and its location."""
+def _read(
+    source: Path, location: str | None, trust_pickle: bool, optimizer: bool = False
+) -> tuple[Mapping[str, Any], dict[str, Any], str, tuple[str, Mapping[str, Any]] | None]:
+    """The state dict of a checkpoint file (its tensors read whole), its records, its location, and (when asked
+    for) its optimizer state with where it is."""
     with contextlib.closing(open_source(source, trust_pickle=trust_pickle)) as src:
         parts = src.parts
         if location is not None:
@@ -70,7 +80,32 @@ def _read(source: Path, location: str | None, trust_pickle: bool) -> tuple[Mappi
                 )
         part = parts[0]
         values = part.values if part.values is not None else {k: part.tensor(k).whole() for k in part.specs}
-        return values, dict(part.records), part.where
+        return values, dict(part.records), part.where, _optimizer_state(source, src) if optimizer else None
+
+
+def _optimizer_state(source: Path, src: Any) -> tuple[str, Mapping[str, Any]]:
+    """The one optimizer state of a torch file's container (``optimizer``, or Lightning's ``optimizer_states``)."""
+    from .optimizer_state import is_optimizer_state
+
+    obj = getattr(src, "obj", None)
+    if obj is None:
+        raise SpectralError(
+            f"{source}: optimizer= restores optimizer state from a torch file's container; load a "
+            f"{src.format} checkpoint's with its own tools (DCP: set_optimizer_state_dict)"
+        )
+    found: list[tuple[str, Mapping[str, Any]]] = []
+    for key, value in obj.items() if isinstance(obj, Mapping) else ():
+        if is_optimizer_state(value):
+            found.append((str(key), value))
+        elif isinstance(value, list | tuple) and value and all(is_optimizer_state(v) for v in value):
+            found += [(f"{key}/{i}", v) for i, v in enumerate(value)]
+    if len(found) != 1:
+        what = (
+            "no optimizer state" if not found else f"{len(found)} optimizer states ({', '.join(w for w, _ in found)})"
+        )
+        raise SpectralError(f"{source}: holds {what}; optimizer= restores exactly one (convert the checkpoint with "
+                            "--optimizer convert, or load several yourself)")  # fmt: skip
+    return found[0]
 
 
 def load_spectral(
@@ -79,6 +114,7 @@ def load_spectral(
     *,
     location: str | None = None,
     trust_pickle: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Loaded:
     """Register the spectral parametrization on the layers ``source`` stores as spectral, then load it strictly.
 
@@ -87,20 +123,51 @@ def load_spectral(
     of its keys that the model's own keys do not have (``module.``, Lightning's ``model.``) is dropped. Layers the
     model already has registered must have the recorded basis. Spectral tensors without a record (written by
     pytorch-parametrizations) are ``rfft`` with the model's kernel size.
+
+    ``optimizer``: an optimizer built over the model's parameters after registering, given the file's optimizer
+    state (a torch container's one ``optimizer`` or ``optimizer_states`` entry, converted by ``spectral
+    convert``), once its groups and every state's shape are checked against the optimizer's parameters.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from spectral_cli import convert_file, register_spectral_parametrization
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        >>> opt = torch.optim.Adam(net.parameters())
+        >>> net(torch.randn(2, 3, 9, 9)).square().mean().backward(); opt.step()
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "ckpt.pt"
+        >>> torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, path)
+        >>> _ = convert_file(path)  # as spectral convert ckpt.pt: the optimizer state converted too
+        >>> fresh = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        >>> _ = register_spectral_parametrization(fresh)
+        >>> resumed = torch.optim.Adam(fresh.parameters())
+        >>> load_spectral(fresh, path.with_name("ckpt.spectral.pt"), optimizer=resumed).optimizer
+        'optimizer'
+        >>> resumed.step()
     """
     if not isinstance(model, nn.Module):
         raise SpectralError(f"load_spectral takes an nn.Module, got {type(model).__name__}")
+    state = None
     if isinstance(source, Mapping):
+        if optimizer is not None:
+            raise SpectralError(
+                "optimizer= restores the optimizer state of a checkpoint file; for a state dict "
+                "in memory, load convert_optimizer_state(model, old_state).state_dict into it"
+            )
         where, records, found_at = "state dict", records_of(source), ""
         values: Mapping[str, Any] = source
     else:
         where = str(source)
-        values, records, found_at = _read(Path(source), location, trust_pickle)
+        values, records, found_at, state = _read(Path(source), location, trust_pickle, optimizer is not None)
     own = key_prefix(model.state_dict())
     prefix = key_prefix(values)
     dropped = prefix[len(own) :] if prefix.startswith(own) else ""
     plan = _plan(model, values, records, dropped, where)
     todo = {name for name, (_, _, now) in plan.items() if now}
+    if optimizer is not None and state is not None:  # before the model is touched
+        from ..statedict.optimizer import check_fits
+
+        _check_optimizer(model, optimizer, todo)
+        check_fits(state[1], optimizer, f"{where} ({state[0]})")
     registration = plan_spectral_parametrization(model, include=[glob.escape(n) for n in todo]) if todo else None
     refused = [(n, reason) for n, reason in registration.skipped if n in todo] if registration else []
     if refused:
@@ -122,7 +189,24 @@ def load_spectral(
         register_spectral_parametrization(model, basis=basis, include=[glob.escape(name)])
         registered.append((name, basis, ks))
     model.load_state_dict(_without_prefix(values, dropped), strict=True)
-    return Loaded(tuple(registered), tuple(already), where, found_at, dropped)
+    if optimizer is not None and state is not None:
+        optimizer.load_state_dict(dict(state[1]))
+    return Loaded(tuple(registered), tuple(already), where, found_at, dropped, state[0] if state else "")
+
+
+def _check_optimizer(model: nn.Module, optimizer: Any, todo: set[str]) -> None:
+    """The optimizer must hold the model's parameters as they will be once ``todo`` is registered."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise SpectralError(f"optimizer= takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    modules = dict(model.named_modules())
+    gone = {id(modules[name].weight) for name in todo}
+    own = {id(p) for p in model.parameters()} - gone
+    if any(id(p) not in own for g in optimizer.param_groups for p in g["params"]):
+        raise SpectralError(
+            "the optimizer holds parameters the model does not have once registered (built before "
+            "registering: the weights it holds go); register first (register_spectral_parametrization"
+            "(model), or load_spectral(model, path)), then build it over model.parameters()"
+        )
 
 
 def _without_prefix(values: Mapping[str, Any], prefix: str) -> OrderedDict[str, Any]:

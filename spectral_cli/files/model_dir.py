@@ -10,6 +10,7 @@ written as one staging directory and renamed into place at once. Imports no torc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -222,4 +223,6 @@ def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
         order += unit_sink.order or [(p, s) for p in unit_src.parts for s in plan_of[id(p)].steps]
     total = sum(unit_sink.total_bytes for unit_sink, _ in written)
     tensors = sum(unit_sink.total_tensors for unit_sink, _ in written)
-    return Sink(target, MODEL_DIR, True, write, total, tensors, dropped, order)
+    optimizers = [dataclasses.replace(o, where=f"{unit}/{o.where}") for unit, unit_sink, _ in units
+                  if unit_sink is not None for o in unit_sink.optimizers]  # fmt: skip
+    return Sink(target, MODEL_DIR, True, write, total, tensors, dropped, order, optimizers)

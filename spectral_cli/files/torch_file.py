@@ -30,6 +30,7 @@ from ..statedict.surgery import MemoryTensor, assemble, records_of, spec_of, spe
 from .atomic import OutFile, Output
 from .checkpoint import Fingerprint, Part, Planned, Reading, Run, Sink, Source, Tick, Writing
 from .formats import TORCH
+from .optimizer_state import OptimizerReport, convert_container
 
 #: keys under which trainers (timm, Lightning, DeepSpeed, plain scripts) keep weights, in search order
 STATE_DICT_KEYS = (
@@ -95,20 +96,6 @@ def find_state_dicts(obj: Any) -> list[tuple[str, ...]]:
             elif isinstance(value, Mapping):
                 found.extend((key, inner) for inner in STATE_DICT_KEYS if is_state_dict(value.get(inner)))
     return found
-
-
-def is_optimizer_state(value: Any) -> bool:
-    """An optimizer ``state_dict()``, or a list of them (Lightning's ``optimizer_states``)."""
-    if isinstance(value, Mapping):
-        return "state" in value and "param_groups" in value
-    return isinstance(value, list | tuple) and bool(value) and all(is_optimizer_state(v) for v in value)
-
-
-def optimizer_keys(obj: Any) -> list[str]:
-    """The container's entries that hold optimizer state (dropped once weights change)."""
-    if not isinstance(obj, Mapping):
-        return []
-    return [k for k, v in obj.items() if isinstance(k, str) and is_optimizer_state(v)]
 
 
 def _depth(obj: Any, limit: int) -> int:
@@ -482,9 +469,13 @@ def source(path: Path, fmt: str, reading: Reading) -> TorchSource:
 
 def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
     """One ``torch.save`` of the input's container (or bare state dict), each state dict's steps run in its order
-    and its records beside its tensors; optimizer state dropped."""
+    and its records beside its tensors; the container's optimizer state converted with them (:mod:`.optimizer_state`)
+    or, with ``--optimizer drop``, reset."""
     container = src.obj if isinstance(src, TorchSource) else None
-    dropped = optimizer_keys(container)
+    replaced: dict[str, Any] = {}
+    optimizers: list[OptimizerReport] = []
+    if isinstance(container, Mapping) and plans[0][0].location:  # a container's optimizers: of its first state dict
+        replaced, optimizers = convert_container(container, plans[0][0].specs, plans[0][1].steps, writing.optimizer)  # type: ignore[arg-type]
 
     def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
         obj = container
@@ -498,12 +489,12 @@ def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
                 else:
                     tensors[key] = part.values[key] if part.values is not None else part.tensor(key).whole()
             obj = set_at(obj, part.location, with_records(tensors, plan.records, part.values))
-        if dropped and isinstance(obj, Mapping):
-            obj = {k: v for k, v in obj.items() if k not in dropped}
+        if replaced and isinstance(obj, dict):
+            obj = type(obj)((k, replaced.get(k, v)) for k, v in obj.items())
         write_torch(output.file(), obj)
         return lambda written: None  # read back by verify_output, as every output is
 
-    return Sink(target, TORCH, False, write, dropped=dropped)
+    return Sink(target, TORCH, False, write, optimizers=optimizers, replaced=replaced)
 
 
 def write_torch(out: OutFile, obj: Any) -> None:

@@ -66,11 +66,13 @@ def verify_output(
     scratch: Scratch,
     *,
     dropped: Sequence[str] = (),
+    replaced: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
     syscalls: Syscalls = SYSCALLS,
 ) -> Verified:
     """Read the output at ``written`` (the finished temporary of ``target``) back and compare it with ``src``,
-    from which it was made by ``plans``; ``dropped``: container entries left out on purpose."""
+    from which it was made by ``plans``; ``dropped``: container entries left out on purpose; ``replaced``: those
+    written with other values on purpose (converted optimizer state), as they were written."""
     verified = Verified()
     scratch.release()  # the writer's buffers: those of this pass have other sizes
 
@@ -89,7 +91,7 @@ def verify_output(
                 if failure is not None:
                     raise differs(failure)
                 verified.tensors += len(items[begin : begin + _GROUP])
-        _check_container(getattr(src, "obj", None), getattr(out, "obj", None), plans, dropped, differs)
+        _check_container(getattr(src, "obj", None), getattr(out, "obj", None), plans, dropped, differs, replaced or {})
         if src.format == MODEL_DIR:
             _check_files(src.path, written, getattr(src, "others", []), getattr(out, "others", []), differs)
     return verified
@@ -260,9 +262,15 @@ def _within_bound(step: Step, error: float, source: ReadableTensor) -> bool:
 
 
 def _check_container(
-    obj: Any, back: Any, plans: Sequence[tuple[Part, Plan]], dropped: Sequence[str], differs: Any
+    obj: Any,
+    back: Any,
+    plans: Sequence[tuple[Part, Plan]],
+    dropped: Sequence[str],
+    differs: Any,
+    replaced: Mapping[str, Any],
 ) -> None:
-    """A torch file's container: every entry but its state dicts (checked above) and ``dropped``, as it was."""
+    """A torch file's container: every entry but its state dicts (checked above) and ``dropped``, as it was (or as
+    ``replaced`` says)."""
     parts = {part.location for part, _ in plans}
     if not isinstance(obj, Mapping) or not isinstance(back, Mapping) or () in parts:  # a bare state dict
         return
@@ -270,7 +278,7 @@ def _check_container(
     if list(back) != expected:
         raise differs("the entries of its container")
     for key in expected:
-        if not any(loc[:1] == (key,) for loc in parts) and not _equal(obj[key], back[key]):
+        if not any(loc[:1] == (key,) for loc in parts) and not _equal(replaced.get(key, obj[key]), back[key]):
             raise differs(f"the container's {key!r}")
 
 
