@@ -424,7 +424,7 @@ def _ablated(ablations: list[str]) -> Any:
 
     def unverified(src: Any, written: Any, plans: Any, *args: Any, **kwargs: Any) -> Verified:
         """Nothing read back; every converted tensor reported with an error of 0 (the report needs one)."""
-        return Verified(0, {(part.where, step.source_key): 0.0 for part, plan in plans for step in plan.steps})
+        return Verified(0, {(part.label, step.source_key): 0.0 for part, plan in plans for step in plan.steps})
 
     syscalls = SYSCALLS
     for ablation in ablations:

@@ -3,7 +3,7 @@ format. Imports no torch.
 
 A format's module (:mod:`.torch_file`, :mod:`.safetensors_io`, :mod:`.shards`, :mod:`.dcp`, :mod:`.model_dir`)
 owns its reader and its writer: a :class:`Source` opened from a path gives the state dicts it holds, each a
-:class:`Part` whose tensors are :class:`~spectral_cli.statedict.surgery.ReadableTensor` read on demand; a
+:class:`StoredStateDict` whose tensors are :class:`~spectral_cli.statedict.surgery.ReadableTensor` read on demand; a
 :class:`Sink` built from a source and its plans writes the output. :mod:`.registry` finds a format's module
 through one table; :mod:`.convert` runs the pipeline between them.
 """
@@ -44,11 +44,11 @@ class Io:
 
 
 @dataclass
-class Part:
+class StoredStateDict:
     """One state dict of a checkpoint."""
 
     #: container keys leading to it: ``()`` for a bare state dict (and every safetensors input)
-    location: tuple[str, ...]
+    container_keys: tuple[str, ...]
     #: its tensors, in order
     specs: dict[str, TensorSpec]
     records: dict[str, LayerRecord]
@@ -60,8 +60,9 @@ class Part:
     conv_modules: frozenset[str] | None = None
 
     @property
-    def where(self) -> str:
-        return "/".join(self.location)
+    def label(self) -> str:
+        """The container keys joined by ``/``: the ``location`` of its layers in reports (``""`` when bare)."""
+        return "/".join(self.container_keys)
 
     @property
     def prefix(self) -> str:
@@ -71,7 +72,7 @@ class Part:
 class Source(Protocol):
     path: Path
     format: str
-    parts: list[Part]
+    parts: list[StoredStateDict]
 
     def inputs(self) -> list[Path]:
         """Every path the input consists of (followed through symlinks by the output checks)."""
@@ -124,11 +125,11 @@ def read_back_differs(target: Path, what: str = "") -> CheckpointError:
 # ---- writing ----------------------------------------------------------------------------------------------------
 
 #: a step run on its part's tensor: the result in pieces, and the change made
-Run = Callable[[Part, Step], "Changes"]
+Run = Callable[[StoredStateDict, Step], "Changes"]
 #: ``tick(nbytes, tensor_done)``: a piece of the output written
 Tick = Callable[[int, bool], None]
 #: the state dicts of a source, each with its plan
-Planned = list[tuple[Part, Plan]]
+Planned = list[tuple[StoredStateDict, Plan]]
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ class Sink:
     total_tensors: int = 0
     dropped: list[str] = field(default_factory=list)
     #: the steps in the order ``write`` runs them, where it is known (small tensors are then run in batches)
-    order: list[tuple[Part, Step]] | None = None
+    order: list[tuple[StoredStateDict, Step]] | None = None
     #: each optimizer state, and the container entries replaced by the converted states (as verify expects them)
     optimizers: list[OptimizerReport] = field(default_factory=list)
     replaced: dict[str, Any] = field(default_factory=dict)
@@ -185,7 +186,7 @@ class Format(Protocol):
         ...
 
 
-def produce(part: Part, plan: Plan, run: Run) -> Callable[[str], Any]:
+def produce(part: StoredStateDict, plan: Plan, run: Run) -> Callable[[str], Any]:
     """The output's tensor of each name: a step's pieces, or the input's tensor carried over."""
     by_target = {s.target_key: s for s in plan.steps}
 
@@ -196,7 +197,7 @@ def produce(part: Part, plan: Plan, run: Run) -> Callable[[str], Any]:
     return produce
 
 
-def ordered(part: Part, plan: Plan, keys: Iterable[str]) -> list[tuple[Part, Step]]:
+def ordered(part: StoredStateDict, plan: Plan, keys: Iterable[str]) -> list[tuple[StoredStateDict, Step]]:
     """The steps of ``plan`` in the order of their target ``keys``, as a writer of those keys runs them."""
     by_target = {s.target_key: s for s in plan.steps}
     return [(part, by_target[key]) for key in keys if key in by_target]

@@ -41,7 +41,7 @@ from ..statedict.surgery import Batches, Changes, LayerChange, assemble
 from ..transform.kernels import DEFAULT_BASIS
 from ..transform.slabs import Scratch
 from .atomic import Output
-from .checkpoint import Io, Part, Planned, Sink, Source, Tick, Writing
+from .checkpoint import Io, Planned, Sink, Source, StoredStateDict, Tick, Writing
 from .formats import check_output, default_output, refuse_adapter, writer_format
 from .optimizer_state import OptimizerReport
 from .registry import format_of, open_source
@@ -193,7 +193,7 @@ def _transform_file(action: Action, path: Path, options: Options, io: Io) -> Fil
     with contextlib.closing(open_source(path, trust_pickle=options.trust_pickle, syscalls=io.syscalls)) as src:
         plans = [(part, _planned(action, src.path, part, options)) for part in src.parts]
         report = FileReport(path, None, src.format, None)
-        report.skipped = [(part.where, skip) for part, plan in plans for skip in plan.skipped]
+        report.skipped = [(part.label, skip) for part, plan in plans for skip in plan.skipped]
         if not any(plan.steps for _, plan in plans):
             return report
         sink = _sink(src, plans, options, io, "spectral" if action == "convert" else "baked")
@@ -207,9 +207,9 @@ def _transform_file(action: Action, path: Path, options: Options, io: Io) -> Fil
             tensors = [(step, functools.partial(part.tensor, step.source_key)) for part, step in asked]
             batches = Batches(scratch, tensors, measure=options.dry_run)
 
-            def run(part: Part, step: Step) -> Changes:  # a written tensor's error is measured on what was written
+            def run(part: StoredStateDict, step: Step) -> Changes:  # the error of a written tensor: measured on disk
                 change = yield from batches.execute(step, part.tensor(step.source_key))
-                report.changed.append((part.where, change))
+                report.changed.append((part.label, change))
                 return change
 
             if options.dry_run:
@@ -230,7 +230,7 @@ def _transform_file(action: Action, path: Path, options: Options, io: Io) -> Fil
 
                     out.commit(check)
                 report.written = True
-    steps = [(part.where, step.source_key) for part, plan in plans for step in plan.steps]
+    steps = [(part.label, step.source_key) for part, plan in plans for step in plan.steps]
     order = {step: i for i, step in enumerate(steps)}
     report.changed.sort(key=lambda done: order[done[0], done[1].source_key])  # in the input's order
     _warn_nonfinite(report)
@@ -245,15 +245,15 @@ def _measured_on_disk(report: FileReport, verified: Verified) -> None:
     ]
 
 
-def _planned(action: Action, path: Path, part: Part, options: Options) -> Plan:
+def _planned(action: Action, path: Path, part: StoredStateDict, options: Options) -> Plan:
     """The plan of one state dict; a rule it breaks is said of its file (and its place in the file)."""
     try:
         return _plan(action, part, options)
     except SpectralError as e:
-        raise in_file(e, f"{path} ({part.where})" if part.where else path) from None
+        raise in_file(e, f"{path} ({part.label})" if part.label else path) from None
 
 
-def _plan(action: Action, part: Part, options: Options) -> Plan:
+def _plan(action: Action, part: StoredStateDict, options: Options) -> Plan:
     include, exclude = _prefixed(options.include, part.prefix), _prefixed(options.exclude, part.prefix)
     if action == "bake":
         return plan_bake(part.specs, part.records, kernel_size=options.kernel_size, include=include, exclude=exclude)

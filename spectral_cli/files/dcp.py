@@ -36,7 +36,18 @@ from ..statedict.records import METADATA_KEY, LayerRecord, parse_records, record
 from ..statedict.surgery import MemoryTensor, assemble
 from ..transform.kernels import dtype_name
 from .atomic import Output
-from .checkpoint import Fingerprint, Part, Planned, Reading, Run, Sink, Source, Tick, Writing, read_back_differs
+from .checkpoint import (
+    Fingerprint,
+    Planned,
+    Reading,
+    Run,
+    Sink,
+    Source,
+    StoredStateDict,
+    Tick,
+    Writing,
+    read_back_differs,
+)
 from .formats import DCP
 from .optimizer_state import DROP_ASKED, OptimizerReport, convert_dcp_entries, parsed_path, removed_report
 
@@ -188,7 +199,7 @@ class DcpSource:
     def _is_tensor(self, fqn: str) -> bool:
         return type(self.entries[fqn]).__name__ == "TensorStorageMetadata"
 
-    def _part(self, location: tuple[str, ...]) -> Part:
+    def _part(self, location: tuple[str, ...]) -> StoredStateDict:
         specs: dict[str, TensorSpec] = {}
         fqns: dict[str, str] = {}
         records_fqn = None
@@ -207,7 +218,7 @@ class DcpSource:
             holder: dict[str, Any] = {records_fqn: None}
             self.load(holder)
             records = parse_records(holder[records_fqn], str(self.path))
-        return Part(location, specs, records, lambda key: DcpTensor(self, fqns[key], specs[key]))
+        return StoredStateDict(location, specs, records, lambda key: DcpTensor(self, fqns[key], specs[key]))
 
     def load(self, state_dict: dict[str, Any]) -> None:
         """torch's ``dcp.load`` of these entries (flat names), in this process."""
@@ -374,7 +385,7 @@ def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
         optimizers.append(report)
 
     def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
-        flat = src.others([part.location for part, _ in plans], groups)
+        flat = src.others([part.container_keys for part, _ in plans], groups)
         paths = dict(src.paths)
         produce: dict[str, Callable[[], torch.Tensor]] = {}
         for group, entries in converted.items():
@@ -389,14 +400,14 @@ def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
         for part, plan in plans:
             by_target = {s.target_key: s for s in plan.steps}
             for name, after in plan.output_specs(part.specs).items():
-                fqn = ".".join((*part.location, name))
+                fqn = ".".join((*part.container_keys, name))
                 flat[fqn] = torch.empty(after.shape, dtype=getattr(torch, after.dtype), device="meta")
-                paths[fqn] = (*part.location, name)
+                paths[fqn] = (*part.container_keys, name)
                 step = by_target.get(name)
                 produce[fqn] = _transformed(part, step, run) if step else part.tensor(name).whole
             if plan.records:
-                fqn = ".".join((*part.location, METADATA_KEY))
-                flat[fqn], paths[fqn] = records_entry(plan.records), (*part.location, METADATA_KEY)
+                fqn = ".".join((*part.container_keys, METADATA_KEY))
+                flat[fqn], paths[fqn] = records_entry(plan.records), (*part.container_keys, METADATA_KEY)
         write_dcp(output.path, nest(flat, paths), lambda fqn: produce[fqn](), target)
         fsync_tree(output.path)
         expected = {fqn: TensorSpec(tuple(v.shape), dtype_name(v.dtype))
@@ -420,5 +431,5 @@ def _dcp_options(entries: Mapping[tuple[Any, ...], Any]) -> dict[str, Any]:
     return {"state": {}, "param_groups": [options]}
 
 
-def _transformed(part: Part, step: Step, run: Run) -> Callable[[], torch.Tensor]:
+def _transformed(part: StoredStateDict, step: Step, run: Run) -> Callable[[], torch.Tensor]:
     return lambda: assemble(step, run(part, step))[0]

@@ -67,12 +67,12 @@ def inspect_file(
             try:
                 infos = describe(part.specs, part.records, include_spatial=include_spatial)
             except SpectralError as e:
-                raise in_file(e, f"{path} ({part.where})" if part.where else path) from None
+                raise in_file(e, f"{path} ({part.label})" if part.label else path) from None
             for info in infos:
-                layers.append((part.where, info))
+                layers.append((part.label, info))
                 profile = _profile(part.tensor(info.key).whole(), info) if energy else None
                 if profile is not None:
-                    profiles[part.where, info.key] = profile
+                    profiles[part.label, info.key] = profile
             params += sum(spec.numel for spec in part.specs.values())
             nbytes += sum(spec.nbytes for spec in part.specs.values())
         return InspectReport(path, src.format, layers, profiles, params, nbytes)

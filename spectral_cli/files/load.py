@@ -72,15 +72,15 @@ def _read(
     with contextlib.closing(open_source(source, trust_pickle=trust_pickle)) as src:
         parts = src.parts
         if location is not None:
-            parts = [p for p in parts if p.where == location]
+            parts = [p for p in parts if p.label == location]
             if not parts:
-                found = ", ".join(repr(p.where) for p in src.parts)
+                found = ", ".join(repr(p.label) for p in src.parts)
                 raise SpectralError(
                     f"{source}: holds no state dict at {location!r} (it holds {found}); pass one of them"
                 )
         part = parts[0]
         values = part.values if part.values is not None else {k: part.tensor(k).whole() for k in part.specs}
-        return values, dict(part.records), part.where, _optimizer_state(source, src) if optimizer else None
+        return values, dict(part.records), part.label, _optimizer_state(source, src) if optimizer else None
 
 
 def _optimizer_state(source: Path, src: Any) -> tuple[str, Mapping[str, Any]]:

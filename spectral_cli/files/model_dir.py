@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from ..statedict.plan import Plan, Step
 from ..statedict.surgery import Changes
 from .atomic import TEMP_NAME, OutFile, Output
-from .checkpoint import Part, Planned, Reading, Run, Sink, Source, Tick, Writing
+from .checkpoint import Planned, Reading, Run, Sink, Source, StoredStateDict, Tick, Writing
 from .formats import INDEX_SUFFIX, MODEL_DIR, SHARDED, TORCH, TORCH_LEGACY, kind_of, writer_format
 
 #: torch weight files a model directory may hold (other ``.bin`` files, such as ``training_args.bin``, are kept)
@@ -128,11 +128,11 @@ class ModelDirSource:
         self.parts = [self.prefixed(unit, part) for unit, source in self.units for part in source.parts]
 
     @staticmethod
-    def prefixed(unit: Path, part: Part) -> Part:
+    def prefixed(unit: Path, part: StoredStateDict) -> StoredStateDict:
         """``part`` of ``unit`` as this directory's part: its location starts with the unit's path."""
         import dataclasses
 
-        return dataclasses.replace(part, location=(str(unit), *part.location))
+        return dataclasses.replace(part, container_keys=(str(unit), *part.container_keys))
 
     def inputs(self) -> list[Path]:
         return [self.path, *(p for _, source in self.units for p in source.inputs())]
@@ -203,7 +203,7 @@ def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
                 continue
             view = SubOutput(output, unit, unit_sink.directory)
 
-            def unit_run(part: Part, step: Step, unit: Path = unit) -> Changes:
+            def unit_run(part: StoredStateDict, step: Step, unit: Path = unit) -> Changes:
                 return run(ModelDirSource.prefixed(unit, part), step)
 
             check = unit_sink.write(view, unit_run, tick)  # type: ignore[arg-type]

@@ -32,12 +32,12 @@ from .atomic import OutFile, Output
 from .checkpoint import (
     WRITEBACK_BYTES,
     Fingerprint,
-    Part,
     Planned,
     Reading,
     Run,
     Sink,
     Source,
+    StoredStateDict,
     Tick,
     Writing,
     by_name,
@@ -348,7 +348,7 @@ class SafetensorsSource:
         self.fd = open_regular(path)
         try:
             self.header = read_header(path, self.fd)
-            self.parts = [Part((), self.header.specs, self.header.records, self.tensor)]
+            self.parts = [StoredStateDict((), self.header.specs, self.header.records, self.tensor)]
         except BaseException:
             os.close(self.fd)
             raise
@@ -548,7 +548,7 @@ def source(path: Path, fmt: str, reading: Reading) -> SafetensorsSource:
 def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
     """One safetensors file of the input's one state dict, its tensors in the order of their names, each streamed
     as it is transformed (or copied as it is)."""
-    whole = plans[0][0].location == () or src.format == DCP  # a DCP model's state dict may be written alone
+    whole = plans[0][0].container_keys == () or src.format == DCP  # a DCP model's state dict may be written alone
     if len(plans) != 1 or not whole:
         raise RefusedError(f"{target}: safetensors holds only tensors, and {src.path} is a container; write a .pt file")
     part, plan = plans[0]

@@ -21,12 +21,12 @@ from ..statedict.records import LayerRecord
 from .atomic import Output
 from .checkpoint import (
     Fingerprint,
-    Part,
     Planned,
     Reading,
     Run,
     Sink,
     Source,
+    StoredStateDict,
     Tick,
     Writing,
     by_name,
@@ -108,7 +108,7 @@ class ShardSource:
             self.close()
             raise
         specs = {k: self.headers[shard].entries[k].spec for k, shard in self.owner.items()}
-        self.parts = [Part((), specs, records, self.tensor)]
+        self.parts = [StoredStateDict((), specs, records, self.tensor)]
         self.fingerprint = Fingerprint([self.index_path, *(h.path for h in self.headers.values())])
 
     def _fd(self, shard: str) -> int:

@@ -28,7 +28,7 @@ import torch
 from ..errors import OOM_FIX, CheckpointError, OutOfMemoryError, RefusedError, first_line, is_out_of_memory
 from ..statedict.surgery import MemoryTensor, assemble, records_of, spec_of, specs_of, with_records
 from .atomic import OutFile, Output
-from .checkpoint import Fingerprint, Part, Planned, Reading, Run, Sink, Source, Tick, Writing
+from .checkpoint import Fingerprint, Planned, Reading, Run, Sink, Source, StoredStateDict, Tick, Writing
 from .formats import TORCH
 from .optimizer_state import OptimizerReport, convert_container
 
@@ -415,7 +415,7 @@ def _refuse_lazy(path: Path, *named: Iterable[tuple[str, Any]]) -> None:
 
 
 class TorchSource:
-    """A torch file as a source: loaded whole; every state dict in its container is a :class:`Part`."""
+    """A torch file as a source: loaded whole; every state dict in its container is a :class:`StoredStateDict`."""
 
     format: str
 
@@ -446,7 +446,7 @@ class TorchSource:
             sd = get_at(obj, loc)
             _refuse_lazy(path, sd.items())
             where = f"{path}" + (f" ({'/'.join(loc)})" if loc else "")
-            self.parts.append(Part(loc, specs_of(sd), records_of(sd, where), _tensors_of(sd), values=sd,
+            self.parts.append(StoredStateDict(loc, specs_of(sd), records_of(sd, where), _tensors_of(sd), values=sd,
                                    conv_modules=conv_modules))  # fmt: skip
 
     def inputs(self) -> list[Path]:
@@ -474,7 +474,7 @@ def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
     container = src.obj if isinstance(src, TorchSource) else None
     replaced: dict[str, Any] = {}
     optimizers: list[OptimizerReport] = []
-    if isinstance(container, Mapping) and plans[0][0].location:  # a container's optimizers: of its first state dict
+    if isinstance(container, Mapping) and plans[0][0].container_keys:  # its optimizers: of its first state dict
         replaced, optimizers = convert_container(container, plans[0][0].specs, plans[0][1].steps, writing.optimizer)  # type: ignore[arg-type]
 
     def write(output: Output, run: Run, tick: Tick) -> Callable[[Path], None]:
@@ -488,7 +488,7 @@ def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
                     tensors[step.target_key] = assemble(step, run(part, step))[0]
                 else:
                     tensors[key] = part.values[key] if part.values is not None else part.tensor(key).whole()
-            obj = set_at(obj, part.location, with_records(tensors, plan.records, part.values))
+            obj = set_at(obj, part.container_keys, with_records(tensors, plan.records, part.values))
         if replaced and isinstance(obj, dict):
             obj = type(obj)((k, replaced.get(k, v)) for k, v in obj.items())
         write_torch(output.file(), obj)

@@ -31,7 +31,7 @@ from ..statedict.keys import ITEMSIZE, TensorSpec
 from ..statedict.plan import Plan, Step
 from ..statedict.surgery import ReadableTensor, batch_bytes, batch_key, step_input
 from ..transform.slabs import BATCH_BYTES, Scratch, synthesis_error, synthesis_errors
-from .checkpoint import Part, Source, read_back_differs
+from .checkpoint import Source, StoredStateDict, read_back_differs
 from .formats import INDEX_SUFFIX, MODEL_DIR
 from .registry import open_source
 from .syscalls import SYSCALLS, Syscalls
@@ -61,7 +61,7 @@ class Verified:
 def verify_output(
     src: Source,
     written: Path,
-    plans: Sequence[tuple[Part, Plan]],
+    plans: Sequence[tuple[StoredStateDict, Plan]],
     target: Path,
     scratch: Scratch,
     *,
@@ -98,8 +98,8 @@ def verify_output(
 
 
 def _check_tensors(
-    part: Part,
-    back: Part,
+    part: StoredStateDict,
+    back: StoredStateDict,
     steps: Mapping[str, Step],
     items: Sequence[tuple[str, TensorSpec]],
     scratch: Scratch,
@@ -128,7 +128,7 @@ def _check_tensors(
             error = _measured(step, part.tensor(step.source_key), back.tensor(key), scratch, wide)
             if not _within_bound(step, error, part.tensor(step.source_key)):
                 failures[i] = f"{key}: error {error:.1e}"
-            verified.errors[part.where, step.source_key] = error
+            verified.errors[part.label, step.source_key] = error
     for indices in batches.values():
         for group in _budgeted(indices, lambda i: batch_bytes(steps[items[i][0]])):
             group_steps = [steps[items[i][0]] for i in group]
@@ -136,7 +136,7 @@ def _check_tensors(
             for i, step, error in zip(group, group_steps, errors, strict=True):
                 if not _within_bound(step, error, part.tensor(step.source_key)):
                     failures[i] = f"{items[i][0]}: error {error:.1e}"
-                verified.errors[part.where, step.source_key] = error
+                verified.errors[part.label, step.source_key] = error
     for group in _budgeted(carried, lambda i: items[i][1].nbytes):
         failures.update((i, items[i][0]) for i in _carried_differ(part, back, [items[i] for i in group], group))
     return failures[min(failures)] if failures else None
@@ -157,7 +157,7 @@ def _budgeted(indices: list[int], size: Any) -> Iterator[list[int]]:
         yield group
 
 
-def _measured_batch(steps: Sequence[Step], part: Part, written: Sequence[ReadableTensor]) -> list[float]:
+def _measured_batch(steps: Sequence[Step], part: StoredStateDict, written: Sequence[ReadableTensor]) -> list[float]:
     """:func:`_measured` of several small tensors of one kind at once, with the same figures."""
     first = steps[0]
     ks, basis = first.kernel_size, first.basis
@@ -173,7 +173,7 @@ def _measured_batch(steps: Sequence[Step], part: Part, written: Sequence[Readabl
 
 
 def _carried_differ(
-    part: Part, back: Part, items: Sequence[tuple[str, TensorSpec]], indices: Sequence[int]
+    part: StoredStateDict, back: StoredStateDict, items: Sequence[tuple[str, TensorSpec]], indices: Sequence[int]
 ) -> list[int]:
     """Of small tensors carried over (``items``, at ``indices``), those whose written bytes differ: all read into
     two buffers and compared at once, one by one only when they differ."""
@@ -190,15 +190,17 @@ def _carried_differ(
     return [i for i, (start, end) in bounds if not torch.equal(x[start:end], y[start:end])]
 
 
-def _pairs(plans: Sequence[tuple[Part, Plan]], parts: Sequence[Part], differs: Any) -> list[tuple[Any, Part]]:
+def _pairs(
+    plans: Sequence[tuple[StoredStateDict, Plan]], parts: Sequence[StoredStateDict], differs: Any
+) -> list[tuple[Any, StoredStateDict]]:
     """Each input state dict with its written one: by location, or the only one with the only one (a state dict of
     a container written alone, as safetensors)."""
     if len(plans) == 1 and len(parts) == 1:
         return [(plans[0], parts[0])]
-    written = {_unit(p.location): p for p in parts}
-    if sorted(written) != sorted(_unit(part.location) for part, _ in plans):
+    written = {_unit(p.container_keys): p for p in parts}
+    if sorted(written) != sorted(_unit(part.container_keys) for part, _ in plans):
         raise differs(f"state dicts at {sorted(written)}")
-    return [(planned, written[_unit(planned[0].location)]) for planned in plans]
+    return [(planned, written[_unit(planned[0].container_keys)]) for planned in plans]
 
 
 def _unit(location: tuple[str, ...]) -> tuple[str, ...]:
@@ -209,7 +211,7 @@ def _unit(location: tuple[str, ...]) -> tuple[str, ...]:
     return (location[0].removesuffix(INDEX_SUFFIX).removesuffix(".safetensors"), *location[1:])
 
 
-def _check_names(part: Part, plan: Plan, back: Part, differs: Any) -> None:
+def _check_names(part: StoredStateDict, plan: Plan, back: StoredStateDict, differs: Any) -> None:
     expected = plan.output_specs(part.specs)
     if back.specs != expected:
         wrong = sorted(set(back.specs) ^ set(expected)) or [k for k in expected if back.specs.get(k) != expected[k]]
@@ -264,14 +266,14 @@ def _within_bound(step: Step, error: float, source: ReadableTensor) -> bool:
 def _check_container(
     obj: Any,
     back: Any,
-    plans: Sequence[tuple[Part, Plan]],
+    plans: Sequence[tuple[StoredStateDict, Plan]],
     dropped: Sequence[str],
     differs: Any,
     replaced: Mapping[str, Any],
 ) -> None:
     """A torch file's container: every entry but its state dicts (checked above) and ``dropped``, as it was (or as
     ``replaced`` says)."""
-    parts = {part.location for part, _ in plans}
+    parts = {part.container_keys for part, _ in plans}
     if not isinstance(obj, Mapping) or not isinstance(back, Mapping) or () in parts:  # a bare state dict
         return
     expected = [k for k in obj if k not in dropped]
