@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -202,12 +203,20 @@ def model_state(obj: Any) -> dict[str, torch.Tensor]:
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|, computed in float32 at least (float64 for float64 inputs)."""
-    dtype = torch.promote_types(torch.promote_types(actual.dtype, expected.dtype), torch.float32)
-    a, e = actual.detach().to(dtype), expected.detach().to(dtype)
+    """max |actual - expected| / max |expected|, computed on the CPU in float64 (complex128 for complex tensors);
+    the plain difference where ``expected`` is all zeros."""
+    dtype = torch.complex128 if actual.is_complex() or expected.is_complex() else torch.float64
+    a, e = actual.detach().to("cpu", dtype), expected.detach().to("cpu", dtype)
     scale = e.abs().max().item()
     diff = (a - e).abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now: the rendezvous of a distributed test run."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def assert_same_tensors(

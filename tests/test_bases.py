@@ -87,11 +87,6 @@ def ref_rdft_matrix(ks: tuple[int, ...]) -> torch.Tensor:
     return ref_rdft_analysis(eye, ks).reshape(n, n)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.double(), b.double()
-    return ((a64 - b64).abs().max() / b64.abs().max().clamp_min(1e-300)).item()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # rdft matrices
 # ----------------------------------------------------------------------------------------------------------------

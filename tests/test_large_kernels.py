@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import spectral
+from models import rel_err, spectral
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -45,11 +45,6 @@ ISSUE_SIZES = [(3, 3), (7, 7), (31, 31), (51, 51), (128, 128), (4096,), (255, 25
 
 def ids(ks: tuple[int, ...]) -> str:
     return "x".join(map(str, ks))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.detach().double(), b.detach().double()
-    return ((a64 - b64).abs().max() / b64.abs().max()).item()
 
 
 def test_the_rule_splits_where_documented() -> None:

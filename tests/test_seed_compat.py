@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from models import rel_err
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -21,11 +22,6 @@ LAYERS = {
     "Conv2d_grouped": lambda ks: nn.Conv2d(4, 6, ks, padding=1, groups=2),
 }
 SIZES = [(3, 3), (4, 4), (5, 5), (2, 5), (3, 2), (2, 2), (6, 6), (1, 3), (7, 4), (31, 31), (24, 23)]  # last two: FFTs
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.detach().double(), b.detach().double()
-    return ((a64 - b64).abs().max() / b64.abs().max()).item()
 
 
 def assert_same_coefficients(ours: torch.Tensor, theirs: torch.Tensor) -> None:

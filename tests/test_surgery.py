@@ -14,6 +14,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from models import rel_err
 from torch import nn
 
 from spectral_cli import (
@@ -30,13 +31,6 @@ from spectral_cli.statedict.surgery import records_of
 
 BASES = ("rfft", "rdft")
 SUFFIX = "parametrizations.weight.original"
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    a, e = actual.detach().double(), expected.detach().double()
-    scale = e.abs().max().item()
-    diff = (a - e).abs().max().item()
-    return diff / scale if scale > 0 else diff
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:

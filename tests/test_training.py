@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import datetime
 import os
-import socket
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.utils.parametrize as parametrize
+from models import free_port, rel_err
 from torch import nn
 
 from spectral_cli import SpectralParametrization, register_spectral_parametrization
@@ -53,12 +53,6 @@ def batch(step: int, size: int = 8, dtype: torch.dtype = torch.float32, device: 
     g = torch.Generator().manual_seed(1000 + step)
     x, y = torch.randn(size, 3, 8, 8, generator=g, dtype=dtype), torch.randn(size, 3, 16, 16, generator=g, dtype=dtype)
     return x.to(device), y.to(device)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    scale = e.abs().max().item()
-    return (a - e).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
 # ---- torch.compile --------------------------------------------------------------------------------------------
@@ -171,12 +165,6 @@ STEPS = 4
 GLOBAL_BATCH = 8
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _train(model: nn.Module, rank: int, world: int, device: str) -> None:
     """``STEPS`` Adam steps; each rank takes its contiguous share of every global batch."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -244,7 +232,7 @@ def distributed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
     device = request.param
     out = tmp_path_factory.mktemp(f"dist-{device}")
-    mp.spawn(_distributed_worker, args=(_free_port(), str(out), device), nprocs=WORLD, join=True)
+    mp.spawn(_distributed_worker, args=(free_port(), str(out), device), nprocs=WORLD, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     reference = build(dtype=torch.float64, device=device)
     _train(reference, 0, 1, device)
@@ -324,7 +312,7 @@ def test_fsdp2_on_four_ranks_spreads_the_rfft_coefficients(tmp_path: Path) -> No
     spectral_shard_placement every rank holds a quarter, and training gives one process's parameters."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp4_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD4, join=True)
+    mp.spawn(_fsdp4_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD4, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD4)]
     assert all("error" not in r for r in ranks), next(r["error"] for r in ranks if "error" in r)
     reference = build4()
