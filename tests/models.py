@@ -1,4 +1,5 @@
-"""Helpers of the command-line tests: the sample models, running ``spectral``, reading and checking outputs.
+"""Helpers of the tests: the sample models, running ``spectral`` (in-process or as a child), reading and checking
+outputs, comparing tensors.
 
 The sample model classes are defined in ``sample_models/make_samples.py`` (never in the package); this module
 imports that script by its path.
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import socket
+import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -158,6 +160,15 @@ def spectral(*args: Any, env: Mapping[str, str | None] | None = None, io: Any = 
     return CliRunner().invoke(app, [str(a) for a in args], env={**ENV, **(env or {})}, catch_exceptions=False, obj=io)
 
 
+def child_env(**extra: str | None) -> dict[str, str]:
+    """The environment of a ``spectral`` subprocess: this one's, with the pinned values of :data:`ENV` and ``extra``
+    (``None`` removes a variable), and this checkout's package first on the path."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV and k not in extra}
+    env.update({k: v for k, v in {**ENV, **extra}.items() if v is not None})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -165,6 +176,24 @@ def sha256(path: Path) -> str:
 def listing(directory: Path) -> list[str]:
     """Every file name in ``directory``, hidden ones (temporary files) included."""
     return sorted(p.name for p in directory.iterdir())
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every entry under ``directory``, hidden ones included -> sha256 of a file, ``"<dir>"`` for a directory, the
+    target of a symlink (never followed: it may point at a device or at an input elsewhere), the type of anything
+    else (a FIFO is never opened: reading it would block)."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        key = str(path.relative_to(directory))
+        if path.is_symlink():
+            out[key] = f"-> {os.readlink(path)}"
+        elif path.is_dir():
+            out[key] = "<dir>"
+        elif not path.is_file():
+            out[key] = f"<{stat.S_IFMT(path.lstat().st_mode):o}>"
+        else:
+            out[key] = sha256(path)
+    return out
 
 
 def temp_files(directory: Path) -> list[str]:

@@ -20,7 +20,6 @@ import pytest
 import torch
 from models import (
     ALL_SAMPLES,
-    ENV,
     SAMPLE_MODEL,
     SAMPLES_DIR,
     SPATIAL_SAMPLES,
@@ -30,6 +29,7 @@ from models import (
     build_registered,
     check_file_report_json,
     check_inspect_json,
+    child_env,
     conv_names,
     copy_samples,
     listing,
@@ -571,9 +571,7 @@ def test_nan_and_inf_weights_are_carried_with_a_warning(tmp_path: Path) -> None:
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ENV}
-    env.update({k: v for k, v in ENV.items() if v is not None})
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=120)
+    return subprocess.run(args, cwd=cwd, env=child_env(), capture_output=True, text=True, check=False, timeout=120)
 
 
 def test_python_m_and_console_script(tmp_path: Path) -> None:

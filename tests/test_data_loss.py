@@ -19,7 +19,6 @@ Signals, limits and working directories that the in-process runner cannot give a
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -37,25 +36,16 @@ from typing import Any
 
 import pytest
 import torch
-from models import ENV, listing, one_line, read, spectral
+from models import child_env, listing, one_line, read, snapshot, spectral
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spectral_cli import SpectralError, bake_state_dict, convert_state_dict, load_spectral
 
-REPO = Path(__file__).resolve().parents[1]
 SPECTRAL = "parametrizations.weight.original"
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
-
-
-def _env() -> dict[str, str]:
-    """The environment of a child: the in-process runner's, with this checkout's package first on the path."""
-    env = {k: v for k, v in os.environ.items() if k not in ENV}
-    env.update({k: v for k, v in ENV.items() if v is not None})
-    env["PYTHONPATH"] = str(REPO)
-    return env
 
 
 #: ``spectral ARGS`` in a process that first sets a resource limit: ``python -c LIMITED RLIMIT_NAME VALUE ARGS...``
@@ -70,25 +60,8 @@ app(args=sys.argv[3:], prog_name="spectral")
 
 def _limited(name: str, limit: int, *args: Any, cwd: Path) -> subprocess.CompletedProcess[str]:
     """``spectral ARGS`` in a real process under ``resource.setrlimit(name, limit)``."""
-    return subprocess.run([sys.executable, "-c", LIMITED, name, str(limit), *map(str, args)], cwd=cwd, env=_env(),
+    return subprocess.run([sys.executable, "-c", LIMITED, name, str(limit), *map(str, args)], cwd=cwd, env=child_env(),
                           capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    """Every entry under ``directory``, hidden ones included: sha256 of a file, ``<dir>``, a symlink's target, the
-    type of anything else (a FIFO is never opened)."""
-    out = {}
-    for path in sorted(directory.rglob("*")):
-        key = str(path.relative_to(directory))
-        if path.is_symlink():
-            out[key] = f"-> {os.readlink(path)}"
-        elif path.is_dir():
-            out[key] = "<dir>"
-        elif not path.is_file():
-            out[key] = f"<{stat.S_IFMT(path.lstat().st_mode):o}>"
-        else:
-            out[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
 
 
 def _conv_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -316,7 +289,9 @@ def test_a_run_killed_while_writing_leaves_nothing_in_the_directory(kill_dir: Pa
         save_file(_slow_state(), str(source), metadata={"format": "pt"})
     before = snapshot(kill_dir)
     args = [sys.executable, "-c", SLOW_CHILD, "convert", source.name, "-o", f"out{suffix}"]
-    proc = subprocess.Popen(args, cwd=kill_dir, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        args, cwd=kill_dir, env=child_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -507,7 +482,7 @@ def _address_space_that_stops_torch() -> int | None:
     probe = "import resource, sys\nlimit = int(sys.argv[1])\nresource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
     probe += "import spectral_cli.cli\nimport torch\n"
     for mib in (512, 256, 1024, 2048, 384, 768):
-        proc = subprocess.run([sys.executable, "-c", probe, str(mib << 20)], env=_env(), capture_output=True,
+        proc = subprocess.run([sys.executable, "-c", probe, str(mib << 20)], env=child_env(), capture_output=True,
                               text=True, timeout=120, check=False)  # fmt: skip
         if proc.returncode != 0 and "failed to map segment" in proc.stderr:
             return mib << 20

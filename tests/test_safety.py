@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 from models import (
-    ENV,
+    child_env,
     copy_samples,
     faulty,
     listing,
@@ -36,8 +36,6 @@ from models import (
     temp_files,
 )
 from safetensors.torch import load_file, save_file
-
-REPO = Path(__file__).resolve().parents[1]
 
 #: a child that converts or bakes as ``spectral`` would, with every write slowed down (so that a test can signal it
 #: in the middle) and pieces small (so that there are many writes)
@@ -55,15 +53,8 @@ app(args=sys.argv[1:], prog_name="spectral", obj=Io(dataclasses.replace(SYSCALLS
 """
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ENV}
-    env.update({k: v for k, v in ENV.items() if v is not None})
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
 def _start(code: str, *args: Any, cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=_env(), text=True,
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=child_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
 
@@ -247,7 +238,7 @@ def test_a_file_size_limit_is_a_refused_write_not_a_killed_process(tmp_path: Pat
     source = "balle.safetensors" if out == "shards" else "balle.pt"
     extra = ["--max-shard-size", "1MB"] if out == "shards" else []
     proc = subprocess.run([sys.executable, "-c", FSIZE_CHILD, "convert", source, "-o", out, *extra], cwd=work,
-                          env=_env(), capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+                          env=child_env(), capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
     line = one_line(proc.stderr)
     assert "File too large" in line and out in line and "ulimit -f" in line, line
@@ -481,7 +472,7 @@ def test_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
     """Opening a FIFO for reading blocks until a writer comes: it is refused without being opened so."""
     os.mkfifo(tmp_path / "model.pt")
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "spectral_cli", "convert", "model.pt"], cwd=tmp_path, env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "spectral_cli", "convert", "model.pt"], cwd=tmp_path, env=child_env(),
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert proc.returncode == 3 and "FIFO" in one_line(proc.stderr)
     assert time.monotonic() - start < 60
