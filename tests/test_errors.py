@@ -1,28 +1,39 @@
-"""Every bad input of the ``spectral`` command line: its exit code, one line on stderr, and no harm done.
+"""Every refusal of the ``spectral`` command line: its exit code, one line on stderr, and no harm done.
 
-For each case: the documented exit code, stderr is exactly one line without a traceback, the input is
-byte-identical afterwards, and the directory holds no output and no temporary ``.*.tmp`` file.
+For each case: the documented exit code (``spectral_cli/cli.py``: 1 failed write, 2 usage, 3 unreadable input,
+5 refused, 6 nothing to do), stderr is exactly one line (``error: ...``) without a traceback, stdout is empty, the
+input is byte-identical afterwards, and the directory holds no output and no temporary ``.*.tmp`` file.
+
+The hostile-input matrix runs every kind of ``tests/hostile_inputs.py`` with each command it applies to (a few
+also in a real ``python -m spectral_cli`` process) and checks, besides: every file of the working directory is
+byte-identical (sha256), nothing was added (no output, no staging directory), no code ran (the malicious pickles'
+marker never appears). The tests after it refuse what a run meets on its way: outputs, usage, failed writes, out
+of memory.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import pickle
-import random
 import signal
 import subprocess
 import sys
-import warnings
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hostile_inputs import (
+    KINDS,
+    MARKER,
+    Fault,
+    Kind,
+    disk_full,
+    io_error_after,
+    replace_refused,
+    signal_while_writing,
+)
 from models import (
-    Evil,
+    child_env,
     copy_samples,
     corrupting_pwrite,
     failing_pwrite,
@@ -34,14 +45,13 @@ from models import (
     raising,
     read,
     sha256,
-    signal_self,
+    snapshot,
     spectral,
     temp_files,
 )
 from torch import nn
 
 import spectral_cli.transform.slabs as slabs
-from spectral_cli.files.convert import Io
 
 COMMANDS = ("convert", "bake", "inspect")
 
@@ -61,94 +71,107 @@ def assert_refused(directory: Path, source: Path | None, args: list[Any], code: 
     return line
 
 
-def _write(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path
+# ---- the hostile-input matrix ------------------------------------------------------------------------------------
 
 
-# ---- unreadable inputs: exit 3 ------------------------------------------------------------------------------
+MATRIX = [(kind, command) for kind, spec in KINDS.items() for command in spec.codes]
 
 
-def _truncated_torch(directory: Path) -> Path:
-    data = (directory / "balle.pt").read_bytes()
-    return _write(directory / "truncated.pt", data[: len(data) // 2])
+def _args(kind: Kind, command: str, source: Path, work: Path) -> list[str]:
+    return [command, str(source), *(a.replace("{out}", str(work)) for a in kind.args.get(command, []))]
 
 
-def _truncated_safetensors(directory: Path) -> Path:
-    data = (directory / "balle.safetensors").read_bytes()
-    return _write(directory / "truncated.safetensors", data[: len(data) // 2])
+def _check(kind: Kind, code: int, returncode: int, stdout: str, stderr: str) -> None:
+    assert returncode == code, (returncode, stdout, stderr)
+    assert "Traceback" not in stdout + stderr
+    if code == 0:
+        assert all(line.startswith("warning:") for line in stderr.splitlines()), stderr
+        assert kind.prints in stdout
+        return
+    line = one_line(stderr)
+    assert line.startswith("error:"), line
+    assert "internal error" not in line
+    assert kind.says in line, (kind.says, line)
+    assert stdout == ""
 
 
-def _truncated_safetensors_header(directory: Path) -> Path:
-    data = (directory / "balle.safetensors").read_bytes()
-    return _write(directory / "header.safetensors", data[:100])
+@pytest.mark.parametrize(("name", "command"), MATRIX, ids=[f"{k}-{c}" for k, c in MATRIX])
+def test_hostile_input(tmp_path: Path, name: str, command: str) -> None:
+    kind = KINDS[name]
+    work = tmp_path / "work"
+    work.mkdir()
+    source = kind.build(work)
+    before = snapshot(work)
+    io = kind.fault(work) if kind.fault is not None else None
+    try:
+        result = spectral(*_args(kind, command, source, work), io=io)
+    finally:
+        if (work / "ro").exists():
+            (work / "ro").chmod(0o755)
+    code = kind.codes[command]
+    _check(kind, code, result.exit_code, result.stdout, result.stderr)
+    assert not (tmp_path / MARKER).exists(), "the input ran code"
+    after = snapshot(work)
+    assert {k: v for k, v in after.items() if k in before} == before, "an input file changed"
+    added = sorted(set(after) - set(before))
+    if code == 0 and kind.after is not None:
+        assert added == ["out.pt"]
+        kind.after(work, result)
+    else:
+        assert added == [], added
 
 
-def _random_bytes(directory: Path) -> Path:
-    return _write(directory / "random.pt", random.Random(0).randbytes(4096))
+SUBPROCESS = [(kind, command) for kind, spec in KINDS.items() for command in spec.subprocess]
 
 
-def _zip_not_torch(directory: Path) -> Path:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("readme.txt", "not a checkpoint")
-    return _write(directory / "archive.pt", buffer.getvalue())
+@pytest.mark.parametrize(("name", "command"), SUBPROCESS, ids=[f"{k}-{c}" for k, c in SUBPROCESS])
+def test_hostile_input_in_a_real_process(tmp_path: Path, name: str, command: str) -> None:
+    """The same contract from ``python -m spectral_cli``: real stderr, real exit status, real warnings filters."""
+    kind = KINDS[name]
+    work = tmp_path / "work"
+    work.mkdir()
+    source = kind.build(work)
+    before = snapshot(work)
+    done = subprocess.run(
+        [sys.executable, "-m", "spectral_cli", *_args(kind, command, source, work)],
+        cwd=work,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    _check(kind, kind.codes[command], done.returncode, done.stdout, done.stderr)
+    assert not (tmp_path / MARKER).exists(), "the input ran code"
+    assert snapshot(work) == before
 
 
-def _json_file(directory: Path) -> Path:
-    return _write(directory / "config.pt", json.dumps({"layers": [1, 2, 3], "lr": 1e-4}).encode())
+def test_the_matrix_covers_every_kind_and_every_command() -> None:
+    """The registry holds at least 100 kinds (it never shrinks unnoticed), each reaches at least one command, every
+    command is reached, and some kinds run in a real process."""
+    assert len(KINDS) >= 100 and all(kind.codes for kind in KINDS.values())
+    assert {c for _, c in MATRIX} == set(COMMANDS)
+    assert SUBPROCESS
 
 
-def _empty(directory: Path) -> Path:
-    return _write(directory / "empty.pt", b"")
+def test_a_torch_with_known_weights_only_holes_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip's torch>=2.10 can be bypassed (--no-deps, an older environment): loading is refused at run time too."""
+    work = copy_samples(tmp_path, ["balle.pt"])
+    before = snapshot(work)
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
+    result = spectral("convert", work / "balle.pt")
+    assert result.exit_code == 5
+    assert "torch>=2.10" in one_line(result.stderr)
+    assert snapshot(work) == before
+    monkeypatch.setattr(torch, "__version__", "2.10.0a0+git1234")  # a 2.10 nightly is fine
+    assert spectral("inspect", work / "balle.pt").exit_code == 0
 
 
-def _no_state_dict(directory: Path) -> Path:
-    torch.save({"epoch": 3, "notes": "no tensors here"}, directory / "meta.pt")
-    return directory / "meta.pt"
+# ---- unreadable inputs: exit 3 -----------------------------------------------------------------------------------
 
 
-def _damaged_safetensors_header(directory: Path) -> Path:
-    header = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'  # missing closing brace
-    return _write(directory / "bad.safetensors", len(header).to_bytes(8, "little") + header + bytes(8))
-
-
-UNREADABLE: dict[str, Callable[[Path], Path]] = {
-    "empty": _empty,
-    "truncated-torch": _truncated_torch,
-    "truncated-safetensors": _truncated_safetensors,
-    "truncated-safetensors-header": _truncated_safetensors_header,
-    "damaged-safetensors-header": _damaged_safetensors_header,
-    "random-bytes": _random_bytes,
-    "zip-not-torch": _zip_not_torch,
-    "json-file": _json_file,
-    "no-state-dict": _no_state_dict,
-}
-
-
-@pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("case", list(UNREADABLE))
-def test_unreadable_input_exits_3(samples: Path, case: str, command: str) -> None:
-    path = UNREADABLE[case](samples)
-    line = assert_refused(samples, path, [command, path], 3)
-    assert path.name in line
-
-
-@pytest.mark.parametrize("command", COMMANDS)
-def test_missing_file_exits_3(tmp_path: Path, command: str) -> None:
-    line = assert_refused(tmp_path, None, [command, tmp_path / "nope.pt"], 3)
-    assert "no such file" in line
-
-
-@pytest.mark.parametrize("command", COMMANDS)
-def test_directory_exits_3(tmp_path: Path, command: str) -> None:
-    (tmp_path / "ckpt.pt").mkdir()
-    line = assert_refused(tmp_path, None, [command, tmp_path / "ckpt.pt"], 3)
-    assert "directory" in line
-
-
-def test_json_error_document(samples: Path) -> None:
-    path = _truncated_torch(samples)
+def test_json_error_document(tmp_path: Path) -> None:
+    path = KINDS["truncated-torch-zip-at-half"].build(tmp_path)
     result = spectral("convert", path, "--json")
     assert result.exit_code == 3
     doc = parse_json(result.stdout)
@@ -156,26 +179,12 @@ def test_json_error_document(samples: Path) -> None:
     one_line(result.stderr)
 
 
-# ---- code in pickles, TorchScript: exit 5 -------------------------------------------------------------------
-
-
-def _pickled_module(directory: Path) -> tuple[Path, nn.Module]:
-    torch.manual_seed(0)
-    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.Flatten(), nn.Linear(2, 2))
-    path = directory / "module.pt"
-    torch.save(module, path)
-    return path, module
-
-
-@pytest.mark.parametrize("command", COMMANDS)
-def test_pickled_module_needs_trust(tmp_path: Path, command: str) -> None:
-    path, _ = _pickled_module(tmp_path)
-    line = assert_refused(tmp_path, path, [command, path], 5)
-    assert "--trust-pickle" in line
+# ---- code in pickles: exit 5, a state dict with trust ------------------------------------------------------------
 
 
 def test_pickled_module_with_trust_converts_to_a_state_dict(tmp_path: Path) -> None:
-    path, module = _pickled_module(tmp_path)
+    path = KINDS["pickled-module-with-a-linear-head-without-trust"].build(tmp_path)
+    module = torch.load(path, weights_only=False)
     digest = sha256(path)
     result = spectral("convert", path, "--trust-pickle", "--json")
     assert result.exit_code == 0, result.stderr
@@ -198,44 +207,6 @@ class _EvilPrint:
         return (print, ("pwned",))
 
 
-def _malicious_torch(directory: Path, marker: Path) -> Path:
-    path = directory / "evil.pt"
-    state = make_samples.build("conv1d").state_dict()
-    torch.save({"state_dict": state, "payload": Evil(marker)}, path)
-    return path
-
-
-def _malicious_legacy(directory: Path, marker: Path) -> Path:
-    """A bare pickle stream (no zip): read by torch's legacy loader."""
-    path = directory / "evil.pth"
-    path.write_bytes(pickle.dumps(Evil(marker), protocol=2))
-    return path
-
-
-def _malicious_in_state_dict(directory: Path, marker: Path) -> Path:
-    path = directory / "evil.bin"
-    torch.save({"conv.weight": torch.zeros(2, 2, 3, 3), "conv.bias": Evil(marker)}, path)
-    return path
-
-
-@pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("make", [_malicious_torch, _malicious_legacy, _malicious_in_state_dict])
-def test_malicious_pickle_runs_no_code(tmp_path: Path, make: Callable[[Path, Path], Path], command: str) -> None:
-    work = tmp_path / "work"
-    work.mkdir()
-    marker = tmp_path / "pwned"
-    path = make(work, marker)
-    assert not marker.exists()
-    before = listing(work)
-    digest = sha256(path)
-    result = spectral(command, path)
-    assert result.exit_code != 0
-    assert result.exit_code in (3, 5)
-    one_line(result.stderr)
-    assert not marker.exists(), "loading the file ran code"
-    assert listing(work) == before and sha256(path) == digest
-
-
 def test_malicious_print_pickle_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "print.pt"
     torch.save({"w": torch.zeros(2, 2, 3), "p": _EvilPrint()}, path)
@@ -244,19 +215,7 @@ def test_malicious_print_pickle_is_refused(tmp_path: Path, capsys: pytest.Captur
     assert "pwned" not in result.stdout + result.stderr + capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_torchscript_exits_5(tmp_path: Path, command: str) -> None:
-    path = tmp_path / "scripted.pt"
-    with warnings.catch_warnings():  # torch.jit is deprecated, but people still have such files
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3))), str(path))
-    line = assert_refused(tmp_path, path, [command, path], 5)
-    assert "TorchScript" in line
-    line = assert_refused(tmp_path, path, [command, path, "--trust-pickle"], 5)  # trust does not cover it
-    assert "TorchScript" in line
-
-
-# ---- outputs: exit 5 ----------------------------------------------------------------------------------------
+# ---- outputs: exit 5 ---------------------------------------------------------------------------------------------
 
 
 def test_output_exists_without_force(samples: Path) -> None:
@@ -295,7 +254,7 @@ def test_container_to_safetensors_refused(samples: Path) -> None:
     assert_refused(samples, source, ["convert", source, "-o", samples / "l.safetensors"], 5)
 
 
-# ---- nothing to do: exit 6 ----------------------------------------------------------------------------------
+# ---- nothing to do: exit 6 ---------------------------------------------------------------------------------------
 
 
 def test_nothing_to_convert(tmp_path: Path) -> None:
@@ -318,7 +277,7 @@ def test_bake_without_spectral_tensors(samples: Path, sample: str) -> None:
     assert "nothing to bake" in line
 
 
-# ---- usage errors: exit 2 -----------------------------------------------------------------------------------
+# ---- usage errors: exit 2 ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -345,39 +304,20 @@ def test_bad_kernel_size_exits_2(samples: Path, size: str) -> None:
     assert "--kernel-size" in line
 
 
-# ---- failures while writing ---------------------------------------------------------------------------------
-
-
-def _disk_full() -> Io:
-    return faulty(pwrite=failing_pwrite(20_000, raising(OSError(28, "No space left on device"))))
-
-
-def _replace_refused() -> Io:
-    def fail(*args: Any) -> None:
-        raise PermissionError(13, "Permission denied", str(args[1]))
-
-    return faulty(replace=fail)
-
-
-def _io_error_after_the_header() -> Io:
-    return faulty(pwrite=failing_pwrite(2_000, raising(OSError(5, "Input/output error"))))
-
-
-def _signal_while_writing(signum: int) -> Callable[[], Io]:
-    return lambda: faulty(pwrite=failing_pwrite(20_000, signal_self(signum)))
+# ---- failures while writing --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("sample", "fault", "code", "says"),
     [
-        ("balle.pt", _disk_full, 1, "No space left on device"),
-        ("balle.pt", _replace_refused, 1, "Permission denied"),
-        ("balle.safetensors", _io_error_after_the_header, 1, "Input/output error"),
-        ("balle.safetensors", _replace_refused, 1, "Permission denied"),
-        ("balle.pt", _signal_while_writing(signal.SIGINT), 130, "SIGINT"),
-        ("balle.pt", _signal_while_writing(signal.SIGTERM), 143, "SIGTERM"),
-        ("balle.pt", _signal_while_writing(signal.SIGHUP), 129, "SIGHUP"),
-        ("balle.safetensors", _signal_while_writing(signal.SIGTERM), 143, "SIGTERM"),
+        ("balle.pt", disk_full, 1, "No space left on device"),
+        ("balle.pt", replace_refused, 1, "Permission denied"),
+        ("balle.safetensors", io_error_after(2_000), 1, "Input/output error"),
+        ("balle.safetensors", replace_refused, 1, "Permission denied"),
+        ("balle.pt", signal_while_writing(signal.SIGINT), 130, "SIGINT"),
+        ("balle.pt", signal_while_writing(signal.SIGTERM), 143, "SIGTERM"),
+        ("balle.pt", signal_while_writing(signal.SIGHUP), 129, "SIGHUP"),
+        ("balle.safetensors", signal_while_writing(signal.SIGTERM), 143, "SIGTERM"),
     ],
     ids=[
         "pt-disk-full",
@@ -390,15 +330,13 @@ def _signal_while_writing(signum: int) -> Callable[[], Io]:
         "safetensors-sigterm",
     ],
 )
-def test_failure_while_writing_leaves_nothing(
-    tmp_path: Path, sample: str, fault: Callable[[], Io], code: int, says: str
-) -> None:
+def test_failure_while_writing_leaves_nothing(tmp_path: Path, sample: str, fault: Fault, code: int, says: str) -> None:
     """A refused write is exit 1 naming the output and the fix; a signal is 128 + its number, not an internal
     error (torch.save turns its writer's exceptions into a RuntimeError: the writer's own error is raised)."""
     work = copy_samples(tmp_path, [sample])
     source = work / sample
     out = work / ("out" + source.suffix)
-    result = spectral("convert", source, "-o", out, io=fault())
+    result = spectral("convert", source, "-o", out, io=fault(work))
     assert result.exit_code == code, (result.stdout, result.stderr)
     line = one_line(result.stderr)
     assert line.startswith("error:") and says in line and "internal" not in line, line
@@ -410,7 +348,7 @@ def test_failure_while_writing_leaves_nothing(
 def test_failure_while_overwriting_keeps_the_old_output(tmp_path: Path) -> None:
     work = copy_samples(tmp_path, ["balle.pt"])
     (work / "out.pt").write_bytes(b"previous output")
-    result = spectral("convert", work / "balle.pt", "-o", work / "out.pt", "--force", io=_disk_full())
+    result = spectral("convert", work / "balle.pt", "-o", work / "out.pt", "--force", io=disk_full(work))
     assert result.exit_code == 1
     one_line(result.stderr)
     assert (work / "out.pt").read_bytes() == b"previous output"
@@ -454,7 +392,7 @@ def test_unexpected_exception_is_one_line_with_exit_1(tmp_path: Path) -> None:
     assert listing(work) == ["balle.pt"]
 
 
-# ---- out of memory: exit 1, said as such ---------------------------------------------------------------------
+# ---- out of memory: exit 1, said as such -------------------------------------------------------------------------
 
 
 def _bad_alloc(*args: Any, **kwargs: Any) -> Any:
@@ -484,7 +422,7 @@ def test_out_of_memory_is_one_line_with_exit_1(
 
 def test_loading_under_an_address_space_cap_is_out_of_memory_not_damaged(tmp_path: Path) -> None:
     """A real refusal: torch maps a .pt file whole; under RLIMIT_AS that mapping fails with ENOMEM. The file is
-    fine, so the message must not call it damaged (it did: exit 3, 'is damaged or truncated')."""
+    fine, so the message says out of memory (exit 1), never that it is damaged or truncated (exit 3)."""
     source = tmp_path / "big.pt"
     torch.save({"conv.weight": torch.zeros(64, 64, 64, 64)}, source)  # 64 MiB
     digest = sha256(source)
@@ -505,7 +443,7 @@ def test_loading_under_an_address_space_cap_is_out_of_memory_not_damaged(tmp_pat
     assert sha256(source) == digest and listing(tmp_path) == ["big.pt"]
 
 
-# ---- names that look like Rich markup ------------------------------------------------------------------------
+# ---- names that look like Rich markup ----------------------------------------------------------------------------
 
 
 def test_file_names_are_not_read_as_markup(tmp_path: Path) -> None:

@@ -5,23 +5,27 @@ Built with the packages themselves (random weights, nothing downloaded): transfo
 parametrizations), torch.nn.utils.prune, float8 weights, peft LoRA adapters, a Hugging Face hub cache laid out as
 huggingface_hub lays it out, and a container of pickled modules as ultralytics writes one
 (``{"model": DetectionModel, "ema": ..., "train_args": ...}``; ultralytics itself is not a test dependency: its
-container is rebuilt here with a module class of this file, which is what its pickle looks like).
+container is rebuilt here with a module class of this file, which is what its pickle looks like); and tensors no
+transform takes (quantized, integer, complex, float8, sparse, nested, meta, empty), which are carried over untouched.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from models import assert_same_outputs, listing, one_line, parse_json, read, spectral
+from hostile_inputs import conv_state, quantize
+from models import assert_same_outputs, listing, one_line, parse_json, read, rel_err, spectral
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import prune
@@ -385,3 +389,79 @@ def test_an_input_inside_a_hub_cache_is_written_to_the_current_directory(
     assert sorted(p.name for p in work.iterdir()) == ["tiny-net.model.spectral.safetensors", "tiny-net.spectral"]
     assert _revisions(cache) == (1, [])  # nothing was added to the cache
     assert sorted(p.name for p in snapshot.parent.iterdir()) == [snapshot.name]
+
+
+# ---- exotic tensors beside a real conv: carried over untouched, skipped with a reason ---------------------------
+
+
+def _nested() -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.nested.nested_tensor([torch.ones(2, 3), torch.zeros(1, 3)])
+
+
+EXOTIC: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
+    "int8": (lambda w: (w * 20).to(torch.int8), "not float (int8)"),
+    "quantized": (quantize, "not float (qint8)"),
+    "complex64": (lambda w: w.to(torch.complex64), "not float (complex64)"),
+    "float8": (lambda w: w.to(torch.float8_e4m3fn), "float8 (float8_e4m3fn)"),
+    "sparse": (lambda w: w.to_sparse(), "not a dense tensor (sparse_coo)"),
+    "meta": (lambda w: torch.empty_like(w, device="meta"), "not a dense tensor (meta)"),
+    "nested": (lambda w: _nested(), ""),
+    "empty": (lambda w: w[:0].clone(), ""),
+}
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_nested:
+        return all(torch.equal(x, y) for x, y in zip(a.unbind(), b.unbind(), strict=True))
+    if a.is_meta:
+        return b.is_meta and a.shape == b.shape and a.dtype == b.dtype
+    if a.layout != torch.strided:
+        return a.layout == b.layout and torch.equal(a.to_dense(), b.to_dense())
+    if a.is_quantized:
+        return b.is_quantized and torch.equal(a.int_repr(), b.int_repr()) and a.q_scale() == b.q_scale()
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _load(path: Path) -> Any:
+    with warnings.catch_warnings():  # sparse tensors: torch warns that it validates them
+        warnings.simplefilter("ignore")
+        return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("exotic", list(EXOTIC))
+def test_exotic_tensors_are_carried_over(tmp_path: Path, exotic: str) -> None:
+    make, reason = EXOTIC[exotic]
+    state = conv_state()
+    odd = make(torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(1)))
+    state["odd.weight"] = odd
+    source = tmp_path / "mixed.pt"
+    torch.save(state, source)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+
+    result = spectral("convert", source, "--json")
+    assert result.exit_code == 0, result.stderr
+    fixes = ["1 layer skipped (float8 (float8_e4m3fn)): to convert it, cast"] if exotic == "float8" else []
+    assert [w[: len(f)] for w, f in zip(parse_json(result.stdout)["warnings"], fixes, strict=True)] == fixes
+    assert (result.stderr == "") == (not fixes)
+    doc = parse_json(result.stdout)
+    assert [layer["name"] for layer in doc["layers"]] == ["conv", "head"] + (["odd"] if exotic == "empty" else [])
+    skipped = {s["key"]: s["reason"] for s in doc["skipped"]}
+    if reason:
+        assert skipped == {"odd.weight": reason}
+    converted = _load(tmp_path / "mixed.spectral.pt")
+    if exotic != "empty":
+        assert _equal(converted["odd.weight"], odd)
+
+    result = spectral("inspect", tmp_path / "mixed.spectral.pt", "--all")
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    result = spectral("bake", tmp_path / "mixed.spectral.pt")
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    baked = _load(tmp_path / "mixed.baked.pt")
+    assert list(baked) == list(state)
+    assert _equal(baked["odd.weight"], odd)
+    for key in ("conv.weight", "head.weight"):
+        assert rel_err(baked[key], state[key]) <= 1e-6
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
+    assert math.isfinite(doc["max_error"])
