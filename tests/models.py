@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import stat
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -169,6 +170,22 @@ def child_env(**extra: str | None) -> dict[str, str]:
     return env
 
 
+#: ``spectral ARGS`` in a process that first sets a resource limit: ``python -c LIMITED RLIMIT_NAME VALUE ARGS...``
+LIMITED = """
+import resource, sys
+limit = int(sys.argv[2])
+resource.setrlimit(getattr(resource, sys.argv[1]), (limit, limit))
+from spectral_cli.cli import app
+app(args=sys.argv[3:], prog_name="spectral")
+"""
+
+
+def spectral_limited(name: str, limit: int, *args: Any, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``spectral ARGS`` in a real process under ``resource.setrlimit(name, limit)``."""
+    return subprocess.run([sys.executable, "-c", LIMITED, name, str(limit), *map(str, args)], cwd=cwd, env=child_env(),
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -268,6 +285,16 @@ def assert_same_tensors(
             assert rel_err(got, value) <= tol, (key, rel_err(got, value), tol)
         else:
             assert torch.equal(got, value), key
+
+
+def assert_equal_tensors(actual: dict[str, torch.Tensor], expected: dict[str, Any]) -> None:
+    """The same keys, and every tensor bit-equal (dtype, shape and values)."""
+    expected = {k: v for k, v in expected.items() if isinstance(v, torch.Tensor)}
+    assert sorted(actual) == sorted(expected)
+    for key, value in expected.items():
+        got = actual[key]
+        assert got.dtype == value.dtype and got.shape == value.shape, (key, got.dtype, got.shape, value.shape)
+        assert torch.equal(got, value), f"{key}: the values written are not the values given"
 
 
 def assert_same_outputs(model: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, tol: float = 1e-4) -> None:

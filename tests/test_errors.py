@@ -13,9 +13,13 @@ of memory.
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,12 +31,15 @@ from hostile_inputs import (
     MARKER,
     Fault,
     Kind,
+    conv_state,
     disk_full,
     io_error_after,
     replace_refused,
     signal_while_writing,
 )
 from models import (
+    SUFFIX,
+    assert_equal_tensors,
     child_env,
     copy_samples,
     corrupting_pwrite,
@@ -47,11 +54,14 @@ from models import (
     sha256,
     snapshot,
     spectral,
+    spectral_limited,
     temp_files,
 )
+from safetensors.torch import save_file
 from torch import nn
 
 import spectral_cli.transform.slabs as slabs
+from spectral_cli import SpectralError, convert_state_dict, load_spectral
 
 COMMANDS = ("convert", "bake", "inspect")
 
@@ -304,6 +314,57 @@ def test_bad_kernel_size_exits_2(samples: Path, size: str) -> None:
     assert "--kernel-size" in line
 
 
+# ---- usage errors under --json -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--basis", "dct"], ["--max-shard-size", "inf"], ["--max-shard-size", "1e400"], ["--max-shard-size", "-1"]],
+)
+def test_bad_values_are_usage_errors_and_json_says_so(samples: Path, args: list[str]) -> None:
+    result = spectral("convert", samples / "balle.safetensors", *args, "--json")
+    assert result.exit_code == 2
+    doc = parse_json(result.stdout)
+    assert doc["exit_code"] == 2 and args[0] in doc["error"]
+    assert args[0] in one_line(result.stderr)
+    result = spectral("bake", samples / "balle.spectral.pt", "--kernel-size", "0x3", "--json")
+    assert result.exit_code == 2 and parse_json(result.stdout)["exit_code"] == 2
+
+
+def test_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    """Opening a FIFO for reading blocks until a writer comes: it is refused without being opened so."""
+    os.mkfifo(tmp_path / "model.pt")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "spectral_cli", "convert", "model.pt"], cwd=tmp_path, env=child_env(),
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 3 and "FIFO" in one_line(proc.stderr)
+    assert time.monotonic() - start < 60
+
+
+# ---- output names past NAME_MAX ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["default-output", "given-output"])
+def test_an_output_name_past_name_max_is_one_line_that_names_it_and_the_fix(tmp_path: Path, case: str) -> None:
+    """A default output of 262 bytes ('a'*250 + '.pt'), or ``-o`` a 300-byte name: exit 1, one line naming the
+    output and ``-o``, nothing written."""
+    source = tmp_path / ("a" * 250 + ".pt")
+    torch.save(conv_state(), source)
+    before = snapshot(tmp_path)
+    if case == "default-output":
+        out, args = "a" * 250 + ".spectral.pt", []
+    else:
+        out = "b" * 297 + ".pt"
+        args = ["-o", tmp_path / out]
+    result = spectral("convert", source, *args)
+    assert result.exit_code == 1, result.stderr
+    line = one_line(result.stderr)
+    assert out in line, line
+    assert "-o" in line.replace(str(tmp_path), ""), line
+    assert "internal error" not in line, line
+    assert snapshot(tmp_path) == before
+
+
 # ---- failures while writing --------------------------------------------------------------------------------------
 
 
@@ -443,6 +504,33 @@ def test_loading_under_an_address_space_cap_is_out_of_memory_not_damaged(tmp_pat
     assert sha256(source) == digest and listing(tmp_path) == ["big.pt"]
 
 
+@functools.cache
+def _address_space_that_stops_torch() -> int | None:
+    """An RLIMIT_AS under which the command line starts but ``import torch`` fails to map its libraries, or None."""
+    probe = "import resource, sys\nlimit = int(sys.argv[1])\nresource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
+    probe += "import spectral_cli.cli\nimport torch\n"
+    for mib in (512, 256, 1024, 2048, 384, 768):
+        proc = subprocess.run([sys.executable, "-c", probe, str(mib << 20)], env=child_env(), capture_output=True,
+                              text=True, timeout=120, check=False)  # fmt: skip
+        if proc.returncode != 0 and "failed to map segment" in proc.stderr:
+            return mib << 20
+    return None
+
+
+def test_an_address_space_too_small_for_torch_is_out_of_memory(tmp_path: Path) -> None:
+    """``ulimit -v`` so small that torch's libraries cannot be mapped: exit 1, one line saying out of memory (not an
+    internal error)."""
+    limit = _address_space_that_stops_torch()
+    if limit is None:
+        pytest.skip("no address-space limit found here under which Python starts but torch cannot be mapped")
+    torch.save(conv_state(), tmp_path / "m.pt")
+    proc = spectral_limited("RLIMIT_AS", limit, "convert", "m.pt", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    line = one_line(proc.stderr)
+    assert "out of memory" in line.lower() and "internal error" not in line, line
+    assert listing(tmp_path) == ["m.pt"]
+
+
 # ---- names that look like Rich markup ----------------------------------------------------------------------------
 
 
@@ -471,3 +559,84 @@ def test_failed_read_back_under_force_keeps_the_old_output(tmp_path: Path) -> No
     assert "read back" in one_line(result.stderr)
     assert (work / "out.pt").read_bytes() == b"previous output"
     assert not temp_files(work)
+
+
+# ---- conv kernels with a zero-size dimension ---------------------------------------------------------------------
+
+
+def _zero_size(case: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shapes = {
+        "kernel-dim-0": {"conv.weight": (16, 4, 0, 3)},
+        "kernel-dim-0-1d": {"conv.weight": (16, 4, 0)},
+        "beside-others": {"conv.weight": (16, 4, 3, 0), "in0.weight": (16, 0, 3, 3), "c2.weight": (4, 3, 3, 3)},
+    }[case]
+    state = {k: torch.randn(*shape, generator=g) for k, shape in shapes.items()}
+    return state | {"conv.bias": torch.randn(16, generator=g)}
+
+
+@pytest.mark.parametrize("case", ["kernel-dim-0", "kernel-dim-0-1d", "beside-others"])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_conv_weight_with_a_zero_size_dimension_is_no_internal_error(tmp_path: Path, case: str, suffix: str) -> None:
+    """A conv weight with a zero-size kernel dimension (alone, or beside a conv with no input channels and a normal
+    one): the run does what convert_state_dict does with the same state dict. Where that changes layers: exit 0 and
+    the file holds its tensors; where it changes none: exit 6 (nothing to convert), one line, nothing written."""
+    state = _zero_size(case)
+    torch.save(state, tmp_path / "zero.pt")
+    expected = convert_state_dict(state)  # raises (and fails the test) where the pure function crashes
+    result = spectral("convert", tmp_path / "zero.pt", "-o", tmp_path / f"out{suffix}")
+    assert "internal error" not in result.stderr, result.stderr
+    if case == "beside-others":
+        assert expected.changed, "the normal convs beside the empty one are converted"
+    if expected.changed:
+        assert result.exit_code == 0, result.stderr
+        assert_equal_tensors(read(tmp_path / f"out{suffix}"), expected.state_dict)
+    else:
+        assert result.exit_code == 6, result.stderr
+        one_line(result.stderr)
+        assert listing(tmp_path) == ["zero.pt"]
+
+
+# ---- an uninitialized lazy layer in a trusted pickle -------------------------------------------------------------
+
+
+def test_a_pickled_module_with_an_uninitialized_lazy_conv_is_a_damaged_input(tmp_path: Path) -> None:
+    """``torch.save`` of a model holding an uninitialized LazyConv2d, with ``--trust-pickle``: exit 3, one line naming
+    the file and saying the lazy layer is not initialized."""
+    path = tmp_path / "lazy_model.pt"
+    torch.save(nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU()), path)
+    result = spectral("convert", path, "--trust-pickle")
+    assert result.exit_code == 3, result.stderr
+    line = one_line(result.stderr)
+    assert path.name in line and "lazy" in line.lower() and "initialized" in line.lower(), line
+    assert listing(tmp_path) == ["lazy_model.pt"]
+
+
+def test_load_spectral_of_an_uninitialized_lazy_conv_is_a_spectral_error(tmp_path: Path) -> None:
+    """load_spectral of that file raises SpectralError (not torch's RuntimeError) naming the file."""
+    path = tmp_path / "lazy_model.pt"
+    torch.save(nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU()), path)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    with pytest.raises(SpectralError) as caught:
+        load_spectral(model, path, trust_pickle=True)
+    assert path.name in str(caught.value)
+
+
+# ---- an integer tensor recorded as spectral ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["bake", "inspect"])
+def test_an_integer_tensor_recorded_as_spectral_is_a_damaged_file_named_in_the_error(
+    tmp_path: Path, command: str
+) -> None:
+    """A safetensors file whose spectral_cli record names an int32 tensor: exit 3, one line with the file's path."""
+    key = f"conv.{SUFFIX}"
+    doc = {"version": "0.1.0", "layers": {key: {"basis": "rfft", "kernel_size": [3, 3], "dtype": "float32"}}}
+    path = tmp_path / "int_record.safetensors"
+    save_file({key: torch.zeros(2, 4, 3, 3, 2, dtype=torch.int32)}, str(path),
+              metadata={"format": "pt", "spectral_cli": json.dumps(doc)})  # fmt: skip
+    result = spectral(command, path)
+    assert result.exit_code == 3, result.stderr
+    line = one_line(result.stderr)
+    assert str(path) in line, line
+    assert listing(tmp_path) == ["int_record.safetensors"]
