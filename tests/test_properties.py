@@ -222,15 +222,15 @@ def test_convert_bake_convert_inspect(ck: Checkpoint) -> None:
                 assert torch.equal(back[key], value), key
 
 
-# ---- found by the property test: a safetensors header whose length looks like a pickle's first bytes -------------
+# ---- a safetensors header whose length looks like a pickle's first bytes ------------------------------------------
 
 
 @pytest.mark.parametrize("header_length", [0x280, 0x380, 0x480, 0x580, 0x10280])
 def test_safetensors_header_length_that_starts_like_a_pickle(tmp_path: Path, header_length: int) -> None:
     """A header of 640 bytes starts the file with 0x80 0x02, the mark of a protocol-2 pickle.
 
-    Such a file was taken for a legacy torch file: loaded without its metadata, an rdft checkpoint lost its
-    records and could no longer be baked.
+    It is read as safetensors, not as a legacy torch file: its metadata (the records) comes with it, and an rdft
+    checkpoint bakes.
     """
     from safetensors.torch import load_file
 
