@@ -265,6 +265,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    assert actual.shape == expected.shape
+    assert rel_err(actual, expected) <= tol, (rel_err(actual, expected), tol)
+
+
 def assert_same_tensors(
     actual: Mapping[str, Any], expected: Mapping[str, Any], tol: float = 1e-6, *, ordered: bool = True
 ) -> None:
