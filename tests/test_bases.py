@@ -288,6 +288,7 @@ def _forward(x: torch.Tensor, ks: tuple[int, ...], basis: str) -> torch.Tensor:
     return apply_synthesis(x, synthesis, ks, basis)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ks", [(3,), (4,), (3, 3), (2, 5), (4, 4), (2, 2, 3)], ids=ids)
 def test_registered_forward_gradients_match_irfftn(ks: tuple[int, ...]) -> None:
     """The rfft forward's own backward against autograd through ``torch.fft.irfftn``: first and second order

@@ -118,6 +118,7 @@ def test_no_arguments_shows_the_commands() -> None:
     assert "convert" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_cli_module_imports_no_torch() -> None:
     """``spectral --help`` and ``--version`` start without importing torch."""
     code = "import sys, spectral_cli.cli; sys.exit('torch' in sys.modules)"
@@ -575,6 +576,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=cwd, env=child_env(), capture_output=True, text=True, check=False, timeout=120)
 
 
+@pytest.mark.slow
 def test_python_m_and_console_script(tmp_path: Path) -> None:
     work = copy_samples(tmp_path, ["balle.pt"])
     done = _run([sys.executable, "-m", "spectral_cli", "convert", "balle.pt", "--json"], work)
@@ -623,6 +625,7 @@ def _build(arch: str, seed: int) -> nn.Module:
     return ARCHITECTURES[arch][0]().eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_real_architecture_round_trip(tmp_path: Path, arch: str) -> None:
     model = _build(arch, seed=0)

@@ -134,6 +134,7 @@ def test_hostile_input(tmp_path: Path, name: str, command: str) -> None:
 SUBPROCESS = [(kind, command) for kind, spec in KINDS.items() for command in spec.subprocess]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "command"), SUBPROCESS, ids=[f"{k}-{c}" for k, c in SUBPROCESS])
 def test_hostile_input_in_a_real_process(tmp_path: Path, name: str, command: str) -> None:
     """The same contract from ``python -m spectral_cli``: real stderr, real exit status, real warnings filters."""
@@ -331,6 +332,7 @@ def test_bad_values_are_usage_errors_and_json_says_so(samples: Path, args: list[
     assert result.exit_code == 2 and parse_json(result.stdout)["exit_code"] == 2
 
 
+@pytest.mark.slow
 def test_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
     """Opening a FIFO for reading blocks until a writer comes: it is refused without being opened so."""
     os.mkfifo(tmp_path / "model.pt")
@@ -481,6 +483,7 @@ def test_out_of_memory_is_one_line_with_exit_1(
     assert "internal" not in line and "ulimit" in line
 
 
+@pytest.mark.slow
 def test_loading_under_an_address_space_cap_is_out_of_memory_not_damaged(tmp_path: Path) -> None:
     """A real refusal: torch maps a .pt file whole; under RLIMIT_AS that mapping fails with ENOMEM. The file is
     fine, so the message says out of memory (exit 1), never that it is damaged or truncated (exit 3)."""
@@ -517,6 +520,7 @@ def _address_space_that_stops_torch() -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_an_address_space_too_small_for_torch_is_out_of_memory(tmp_path: Path) -> None:
     """``ulimit -v`` so small that torch's libraries cannot be mapped: exit 1, one line saying out of memory (not an
     internal error)."""

@@ -447,6 +447,7 @@ AXIS_SETS = {"everything": AXES, "data": frozenset({"data"}), "shapes": frozense
              "names": frozenset({"names"})}  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axes", list(AXIS_SETS))
 @_examples(50)
 @given(data=st.data(), plan=plans())
@@ -460,6 +461,7 @@ def test_convert_matches_the_pure_function(axes: str, data: st.DataObject, plan:
         check(_write(case, fmt, root), "convert", tag, basis, root, shard_size, as_json)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axes", list(AXIS_SETS))
 @_examples(35)
 @given(data=st.data(), plan=plans(), pick=st.integers(0, 99), again=st.booleans())
@@ -487,6 +489,7 @@ def test_convert_then_bake_round_trips(axes: str, data: st.DataObject, plan: Pla
             check_round_trip(baked)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axes", list(AXIS_SETS))
 @_examples(30)
 @given(data=st.data(), plan=plans())

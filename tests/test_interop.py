@@ -258,6 +258,7 @@ def test_seed_checkpoint_loads_into_spectral_cli_registration() -> None:
 # ---- CompressAI's SpectralConv2d through bake_state_dict ----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.torch.jit.script. is deprecated:FutureWarning")
 def test_bake_compressai_spectral_conv() -> None:
     from compressai.layers import SpectralConv2d, SpectralConvTranspose2d
@@ -358,6 +359,7 @@ def test_bake_a_seed_checkpoint_with_a_non_square_kernel_needs_the_kernel_size(t
     assert_same_tensors({"conv.weight": baked["conv.weight"]}, {"conv.weight": expected["conv.weight"]})
 
 
+@pytest.mark.slow
 def test_bake_a_compressai_spectral_conv(tmp_path: Path) -> None:
     from compressai.layers import SpectralConv2d
 
@@ -466,6 +468,7 @@ def test_bake_a_checkpoint_trained_with_pytorch_parametrizations(tmp_path: Path)
     assert_same_outputs(plain, net, torch.randn(1, 3, 8, 8))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # compressai scripts a function on import
 def test_bake_a_trained_compressai_spectral_conv(tmp_path: Path) -> None:
     from compressai.layers import SpectralConv2d

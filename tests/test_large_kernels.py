@@ -200,6 +200,7 @@ print(json.dumps({"code": code, "above": status("VmHWM") - before}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
 @pytest.mark.parametrize(("shape", "command"), [
     ((1, 1, 128, 128), "convert"), ((1, 1, 255, 255), "convert"), ((1, 1, 100_000), "convert"),
@@ -258,6 +259,7 @@ def test_an_unknown_method_is_refused() -> None:
     assert spectral_cli.to_spectral is to_spectral
 
 
+@pytest.mark.slow
 def test_compiled_training_of_large_kernels_matches_eager() -> None:
     """torch.compile (inductor, one graph, no break) trains a large-kernel model as eager does: the FFTs of the
     separable method compile as the dense product does."""

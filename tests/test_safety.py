@@ -134,6 +134,7 @@ def big(tmp_path: Path) -> Iterator[Path]:
 # ---- signals ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "signum", "args"),
     [
@@ -159,6 +160,7 @@ def test_a_stopping_signal_leaves_nothing_behind(big: Path, name: str, signum: i
     assert {p: sha256(big / p) for p in listing(big)} == before  # nothing added, hidden or not
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [["-o", "out.pt"], ["-o", "out.safetensors"], ["-o", "shards", "--max-shard-size", "100KB"]],
@@ -202,6 +204,7 @@ def _tmpfile_supported(directory: Path) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_a_signal_the_process_was_started_ignoring_stays_ignored(big: Path) -> None:
     """``nohup spectral ...`` ignores SIGHUP: the run goes on to the end."""
     code = "import signal\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\n" + SLOW_CHILD
@@ -253,6 +256,7 @@ app(args=sys.argv[1:], prog_name="spectral")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("out", ["out.pt", "out.safetensors", "shards"])
 def test_a_file_size_limit_is_a_refused_write_not_a_killed_process(tmp_path: Path, out: str) -> None:
     """ulimit -f: the write fails with EFBIG, said as a refused write of that file with the fix (torch.save turned
@@ -681,6 +685,7 @@ def kill_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
             shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_a_run_killed_while_writing_leaves_nothing_in_the_directory(kill_dir: Path, suffix: str) -> None:
     """SIGKILL in the middle of writing out.safetensors / out.pt: the directory lists exactly what it did before
@@ -846,6 +851,7 @@ def test_a_symlink_loop_in_a_model_directory_is_refused_in_one_line(tmp_path: Pa
 # ---- resource limits ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_three_hundred_shards_convert_under_a_limit_of_256_open_files(tmp_path: Path) -> None:
     """``ulimit -n 256`` and an index of 300 shards (one conv among them): exit 0, the output complete."""
     g = torch.Generator().manual_seed(0)

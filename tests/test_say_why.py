@@ -59,6 +59,7 @@ def _skipped(doc: dict[str, Any]) -> dict[str, str]:
 # ---- weight_norm (transformers' Encodec) -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_encodec_weight_norm_layers_are_named_with_the_fix_and_the_fix_converts_them(tmp_path: Path) -> None:
     model = _encodec()
     normed = _weight_normed(model)
@@ -242,6 +243,7 @@ def _ultralytics_like(tmp_path: Path) -> tuple[Path, Path, Detector]:
     return source, mark, model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trust", [False, True], ids=["untrusted", "trusted"])
 def test_a_container_of_pickled_modules_is_refused_before_unpickling_with_the_recipe(
     tmp_path: Path, trust: bool
@@ -311,6 +313,7 @@ def _adapter(tmp_path: Path) -> tuple[nn.Module, Path]:
     return model.eval(), tmp_path / "adapter"
 
 
+@pytest.mark.slow
 def test_a_peft_adapter_is_refused_with_the_fix_and_the_merged_model_converts(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     model, adapter = _adapter(tmp_path)

@@ -205,6 +205,7 @@ PIPED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(PIPED))
 def test_a_reader_that_goes_away(many: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     """``| head -1``: quiet, no traceback; exit 0 when the output file is written (and it is the same file as
@@ -231,6 +232,7 @@ def test_a_reader_that_goes_away(many: Path, tmp_path: Path, monkeypatch: pytest
         assert sorted(p.name for p in tmp_path.iterdir()) == ["many.pt", "many.spectral.pt"]
 
 
+@pytest.mark.slow
 def test_stdout_that_fails_after_the_output_is_written(many: Path, tmp_path: Path) -> None:
     """A report that cannot be printed (a full disk) after the output was written: a warning, exit 0; a listing
     that cannot be printed: an error naming stdout, exit 1. Never an internal error."""
@@ -260,6 +262,7 @@ LOCALES: dict[str, tuple[dict[str, str | None], str, list[str]]] = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("locale", list(LOCALES))
 def test_locales(tmp_path: Path, locale: str) -> None:
     """Names that are not ASCII or hold control characters, the sparkline and the arrow, in what stdout can say:
@@ -387,6 +390,7 @@ def _printed(capsys: pytest.CaptureFixture[str], *args: Any) -> str:
     return out.out
 
 
+@pytest.mark.slow
 def test_a_table_of_100000_layers_is_summarized(
     huge: FileReport, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -408,6 +412,7 @@ def test_a_table_of_100000_layers_is_summarized(
     assert [layer["name"] for layer in doc["layers"]] == [f"layer{i}" for i in range(N)]
 
 
+@pytest.mark.slow
 def test_an_inspect_table_of_100000_layers_is_summarized() -> None:
     layers = [("", LayerInfo(f"layer{i}", f"layer{i}.parametrizations.weight.original", "spectral", "rfft", (3, 3),
                              (2, 64 if i in BIG else 1, 1, 3, 2), "float32")) for i in range(N)]  # fmt: skip

@@ -58,6 +58,7 @@ def batch(step: int, size: int = 8, dtype: torch.dtype = torch.float32, device: 
 # ---- torch.compile --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_training_matches_eager_and_compiles_once(device: str) -> None:
     import torch._dynamo
@@ -104,7 +105,7 @@ def test_compiled_training_matches_eager_and_compiles_once(device: str) -> None:
 # ---- bf16 autocast ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 @pytest.mark.parametrize("ks", [3, 25], ids=["3x3 dense", "25x25 separable"])
 @pytest.mark.parametrize("basis", ["rfft", "rdft"])
 @pytest.mark.parametrize("device", DEVICES)
@@ -239,6 +240,7 @@ def distributed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     yield ranks, {k: v.detach().cpu() for k, v in reference.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_distributed_training_equals_one_process(distributed: Any, mode: str) -> None:
     ranks, reference = distributed
@@ -307,6 +309,7 @@ def _fsdp4_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fsdp2_on_four_ranks_spreads_the_rfft_coefficients(tmp_path: Path) -> None:
     """fully_shard splits dim 0, the rfft planes: 2 of 4 ranks held nothing of those layers. With
     spectral_shard_placement every rank holds a quarter, and training gives one process's parameters."""
