@@ -109,7 +109,7 @@ def test_tables_at_every_width(long_names: Path, case: str, width: int) -> None:
 
 
 def test_tokens_are_never_split_at_80_columns(samples: Path) -> None:
-    """The issue's case: at a pipe's 80 columns, shapes and kinds stay whole, and each layer is one line."""
+    """At a pipe's 80 columns, shapes and kinds stay whole, and each layer is one line."""
     for args in (["convert", samples / "balle.pt", "-o", samples / "w.pt"], ["inspect", samples / "balle.spectral.pt"]):
         result = spectral(*args, env={"COLUMNS": "80"})
         assert result.exit_code == 0, result.stderr
