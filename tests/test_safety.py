@@ -631,7 +631,7 @@ def test_directories_named_like_temporaries_that_hold_user_files_are_kept(tmp_pa
 
 #: a child that converts as ``spectral`` would, with every write slowed down and pieces small; it says "writing"
 #: on stdout at its first write, so that the test can kill it in the middle
-SLOW_CHILD = """
+SLOW_CHILD_SAYING_WRITING = """
 import dataclasses, os, sys, time
 from spectral_cli.cli import app
 from spectral_cli.files.convert import Io
@@ -696,7 +696,7 @@ def test_a_run_killed_while_writing_leaves_nothing_in_the_directory(kill_dir: Pa
     else:
         save_file(_slow_state(), str(source), metadata={"format": "pt"})
     before = snapshot(kill_dir)
-    args = [sys.executable, "-c", SLOW_CHILD, "convert", source.name, "-o", f"out{suffix}"]
+    args = [sys.executable, "-c", SLOW_CHILD_SAYING_WRITING, "convert", source.name, "-o", f"out{suffix}"]
     proc = subprocess.Popen(
         args, cwd=kill_dir, env=child_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
