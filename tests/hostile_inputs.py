@@ -537,6 +537,11 @@ class Kind:
 ALL = ("convert", "bake", "inspect")
 
 
+def _failed_write(build: Callable[[Path], Path], command: str, output: list[str], fault: Fault, says: str) -> Kind:
+    """A run of ``command`` whose write to ``-o output`` fails under ``fault``: exit 1, the failure named."""
+    return Kind(build, {command: 1}, args={command: ["-o", *output]}, fault=fault, says=says)
+
+
 def _codes(code: int, commands: tuple[str, ...] = ALL) -> dict[str, int]:
     return dict.fromkeys(commands, code)
 
@@ -687,69 +692,30 @@ KINDS: dict[str, Kind] = {
     "output-exists-safetensors": Kind(
         _output_taken("balle.safetensors"), {"convert": 5}, args={"convert": ["-o", "{out}/taken.pt"]}, says="--force"
     ),
-    "read-only-output-directory": Kind(
-        _with_readonly_dir(_sample("balle.pt")),
-        {"convert": 1},
-        args={"convert": ["-o", "{out}/ro/out.pt"]},
-        fault=_read_only_directory,
-        says="Permission denied",
-    ),
-    "read-only-output-directory-sharded": Kind(
-        _with_readonly_dir(_sample("balle.safetensors")),
-        {"convert": 1},
-        args={"convert": ["-o", "{out}/ro/shards", "--max-shard-size", "40KB"]},
-        fault=_read_only_directory,
-        says="Permission denied",
-    ),
-    "disk-full-in-torch-save": Kind(
-        _sample("balle.pt"),
-        {"convert": 1},
-        args={"convert": ["-o", "{out}/out.pt"]},
-        fault=disk_full,
-        says="No space left",
-    ),
-    "disk-full-in-torch-save-bake": Kind(
-        _sample("balle.spectral.pt"),
-        {"bake": 1},
-        args={"bake": ["-o", "{out}/out.pt"]},
-        fault=disk_full,
-        says="No space left",
-    ),
-    "io-error-streaming-a-converted-tensor": Kind(
-        _sample("balle.safetensors"),
-        {"convert": 1},
-        args={"convert": ["-o", "{out}/out.safetensors"]},
-        fault=io_error_after(3_000),
-        says="Input/output error",
-    ),
-    "io-error-streaming-a-baked-tensor": Kind(
-        _spectral_safetensors,
-        {"bake": 1},
-        args={"bake": ["-o", "{out}/out.safetensors"]},
-        fault=io_error_after(3_000),
-        says="Input/output error",
-    ),
-    "io-error-copying-an-untouched-tensor": Kind(
-        _sample("balle.safetensors"),
-        {"convert": 1},
-        args={"convert": ["-o", "{out}/out.safetensors"]},
-        fault=_io_error_in_copy_range,
-        says="Input/output error",
-    ),
-    "io-error-in-background-writeback": Kind(
-        _sample("balle.safetensors"),
-        {"convert": 1},
-        args={"convert": ["-o", "{out}/out.safetensors"]},
-        fault=_io_error_in_background_writeback,
-        says="Input/output error",
-    ),
-    "io-error-writing-shards": Kind(
-        _sample("balle.safetensors"),
-        {"convert": 1},
-        args={"convert": ["-o", "{out}/shards", "--max-shard-size", "40KB"]},
-        fault=io_error_after(3_000),
-        says="Input/output error",
-    ),
+    "read-only-output-directory": _failed_write(
+        _with_readonly_dir(_sample("balle.pt")), "convert", ["{out}/ro/out.pt"],
+        _read_only_directory, "Permission denied"),
+    "read-only-output-directory-sharded": _failed_write(
+        _with_readonly_dir(_sample("balle.safetensors")), "convert", ["{out}/ro/shards", "--max-shard-size", "40KB"],
+        _read_only_directory, "Permission denied"),
+    "disk-full-in-torch-save": _failed_write(
+        _sample("balle.pt"), "convert", ["{out}/out.pt"], disk_full, "No space left"),
+    "disk-full-in-torch-save-bake": _failed_write(
+        _sample("balle.spectral.pt"), "bake", ["{out}/out.pt"], disk_full, "No space left"),
+    "io-error-streaming-a-converted-tensor": _failed_write(
+        _sample("balle.safetensors"), "convert", ["{out}/out.safetensors"],
+        io_error_after(3_000), "Input/output error"),
+    "io-error-streaming-a-baked-tensor": _failed_write(
+        _spectral_safetensors, "bake", ["{out}/out.safetensors"], io_error_after(3_000), "Input/output error"),
+    "io-error-copying-an-untouched-tensor": _failed_write(
+        _sample("balle.safetensors"), "convert", ["{out}/out.safetensors"],
+        _io_error_in_copy_range, "Input/output error"),
+    "io-error-in-background-writeback": _failed_write(
+        _sample("balle.safetensors"), "convert", ["{out}/out.safetensors"],
+        _io_error_in_background_writeback, "Input/output error"),
+    "io-error-writing-shards": _failed_write(
+        _sample("balle.safetensors"), "convert", ["{out}/shards", "--max-shard-size", "40KB"],
+        io_error_after(3_000), "Input/output error"),
     "control-characters-in-the-name": Kind(_control_characters, _codes(3), says="line\\nbreak\\x1b[2J"),
     # headers that lie: refused before any work, as safetensors itself refuses them
     "safetensors-shape-overflows": Kind(_shape("overflow", "[0,4611686018427387904,3,3]", "[0,0]", 0), _codes(3),

@@ -91,6 +91,15 @@ def _args(kind: Kind, command: str, source: Path, work: Path) -> list[str]:
     return [command, str(source), *(a.replace("{out}", str(work)) for a in kind.args.get(command, []))]
 
 
+def _built(tmp_path: Path, name: str) -> tuple[Kind, Path, Path, dict[str, str]]:
+    """The kind ``name``, an empty working directory, the kind's input built in it, and the directory's snapshot."""
+    kind = KINDS[name]
+    work = tmp_path / "work"
+    work.mkdir()
+    source = kind.build(work)
+    return kind, work, source, snapshot(work)
+
+
 def _check(kind: Kind, code: int, returncode: int, stdout: str, stderr: str) -> None:
     assert returncode == code, (returncode, stdout, stderr)
     assert "Traceback" not in stdout + stderr
@@ -107,11 +116,7 @@ def _check(kind: Kind, code: int, returncode: int, stdout: str, stderr: str) -> 
 
 @pytest.mark.parametrize(("name", "command"), MATRIX, ids=[f"{k}-{c}" for k, c in MATRIX])
 def test_hostile_input(tmp_path: Path, name: str, command: str) -> None:
-    kind = KINDS[name]
-    work = tmp_path / "work"
-    work.mkdir()
-    source = kind.build(work)
-    before = snapshot(work)
+    kind, work, source, before = _built(tmp_path, name)
     io = kind.fault(work) if kind.fault is not None else None
     try:
         result = spectral(*_args(kind, command, source, work), io=io)
@@ -138,11 +143,7 @@ SUBPROCESS = [(kind, command) for kind, spec in KINDS.items() for command in spe
 @pytest.mark.parametrize(("name", "command"), SUBPROCESS, ids=[f"{k}-{c}" for k, c in SUBPROCESS])
 def test_hostile_input_in_a_real_process(tmp_path: Path, name: str, command: str) -> None:
     """The same contract from ``python -m spectral_cli``: real stderr, real exit status, real warnings filters."""
-    kind = KINDS[name]
-    work = tmp_path / "work"
-    work.mkdir()
-    source = kind.build(work)
-    before = snapshot(work)
+    kind, work, source, before = _built(tmp_path, name)
     done = subprocess.run(
         [sys.executable, "-m", "spectral_cli", *_args(kind, command, source, work)],
         cwd=work,
