@@ -137,7 +137,7 @@ def _transform(ctx: typer.Context, command: str, input: Path, as_json: bool, qui
     from .files.convert import Options, bake, convert
 
     # the imports' objects (torch's: hundreds of thousands) live as long as this process: frozen, the collector
-    # stops walking them at each full collection (measured: 8% of a convert's CPU time)
+    # stops walking them at each full collection (a measurable part of a convert's CPU time: docs/measurements.md)
     gc.freeze()
     io = ctx.obj if isinstance(ctx.obj, Io) else Io()
     with console.progress(not (quiet or as_json), "converting" if command == "convert" else "baking") as progress:

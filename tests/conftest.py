@@ -11,6 +11,10 @@ import pytest
 
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / "sample_models"
 
+#: not collected for doctests (it has none): importing it imports Lightning, seconds of every run's collection; the
+#: one test that needs it imports it
+collect_ignore = ["lightning_module.py"]
+
 
 def _digests() -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(SAMPLES_DIR.iterdir()) if p.is_file()}

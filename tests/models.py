@@ -1,4 +1,5 @@
-"""Helpers of the command-line tests: the sample models, running ``spectral``, reading and checking outputs.
+"""Helpers of the tests: the sample models, running ``spectral`` (in-process or as a child), reading and checking
+outputs, comparing tensors.
 
 The sample model classes are defined in ``sample_models/make_samples.py`` (never in the package); this module
 imports that script by its path.
@@ -12,6 +13,9 @@ import importlib.util
 import json
 import math
 import os
+import socket
+import stat
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -157,6 +161,31 @@ def spectral(*args: Any, env: Mapping[str, str | None] | None = None, io: Any = 
     return CliRunner().invoke(app, [str(a) for a in args], env={**ENV, **(env or {})}, catch_exceptions=False, obj=io)
 
 
+def child_env(**extra: str | None) -> dict[str, str]:
+    """The environment of a ``spectral`` subprocess: this one's, with the pinned values of :data:`ENV` and ``extra``
+    (``None`` removes a variable), and this checkout's package first on the path."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV and k not in extra}
+    env.update({k: v for k, v in {**ENV, **extra}.items() if v is not None})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+#: ``spectral ARGS`` in a process that first sets a resource limit: ``python -c LIMITED RLIMIT_NAME VALUE ARGS...``
+LIMITED = """
+import resource, sys
+limit = int(sys.argv[2])
+resource.setrlimit(getattr(resource, sys.argv[1]), (limit, limit))
+from spectral_cli.cli import app
+app(args=sys.argv[3:], prog_name="spectral")
+"""
+
+
+def spectral_limited(name: str, limit: int, *args: Any, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``spectral ARGS`` in a real process under ``resource.setrlimit(name, limit)``."""
+    return subprocess.run([sys.executable, "-c", LIMITED, name, str(limit), *map(str, args)], cwd=cwd, env=child_env(),
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -164,6 +193,24 @@ def sha256(path: Path) -> str:
 def listing(directory: Path) -> list[str]:
     """Every file name in ``directory``, hidden ones (temporary files) included."""
     return sorted(p.name for p in directory.iterdir())
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every entry under ``directory``, hidden ones included -> sha256 of a file, ``"<dir>"`` for a directory, the
+    target of a symlink (never followed: it may point at a device or at an input elsewhere), the type of anything
+    else (a FIFO is never opened: reading it would block)."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        key = str(path.relative_to(directory))
+        if path.is_symlink():
+            out[key] = f"-> {os.readlink(path)}"
+        elif path.is_dir():
+            out[key] = "<dir>"
+        elif not path.is_file():
+            out[key] = f"<{stat.S_IFMT(path.lstat().st_mode):o}>"
+        else:
+            out[key] = sha256(path)
+    return out
 
 
 def temp_files(directory: Path) -> list[str]:
@@ -202,12 +249,25 @@ def model_state(obj: Any) -> dict[str, torch.Tensor]:
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|, computed in float32 at least (float64 for float64 inputs)."""
-    dtype = torch.promote_types(torch.promote_types(actual.dtype, expected.dtype), torch.float32)
-    a, e = actual.detach().to(dtype), expected.detach().to(dtype)
+    """max |actual - expected| / max |expected|, computed on the CPU in float64 (complex128 for complex tensors);
+    the plain difference where ``expected`` is all zeros."""
+    dtype = torch.complex128 if actual.is_complex() or expected.is_complex() else torch.float64
+    a, e = actual.detach().to("cpu", dtype), expected.detach().to("cpu", dtype)
     scale = e.abs().max().item()
     diff = (a - e).abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now: the rendezvous of a distributed test run."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    assert actual.shape == expected.shape
+    assert rel_err(actual, expected) <= tol, (rel_err(actual, expected), tol)
 
 
 def assert_same_tensors(
@@ -230,6 +290,16 @@ def assert_same_tensors(
             assert rel_err(got, value) <= tol, (key, rel_err(got, value), tol)
         else:
             assert torch.equal(got, value), key
+
+
+def assert_equal_tensors(actual: dict[str, torch.Tensor], expected: dict[str, Any]) -> None:
+    """The same keys, and every tensor bit-equal (dtype, shape and values)."""
+    expected = {k: v for k, v in expected.items() if isinstance(v, torch.Tensor)}
+    assert sorted(actual) == sorted(expected)
+    for key, value in expected.items():
+        got = actual[key]
+        assert got.dtype == value.dtype and got.shape == value.shape, (key, got.dtype, got.shape, value.shape)
+        assert torch.equal(got, value), f"{key}: the values written are not the values given"
 
 
 def assert_same_outputs(model: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, tol: float = 1e-4) -> None:

@@ -21,7 +21,7 @@ from spectral_cli import bake_state_dict, convert_state_dict, register_spectral_
 from spectral_cli.parametrization import CONV_TYPES
 
 # compressai's import calls torch.jit.script, which torch 2.14 deprecates
-pytestmark = pytest.mark.filterwarnings("ignore:.torch.jit.script. is deprecated:FutureWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.torch.jit.script. is deprecated:FutureWarning")]
 
 TOL = 1e-5
 

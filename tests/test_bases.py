@@ -87,11 +87,6 @@ def ref_rdft_matrix(ks: tuple[int, ...]) -> torch.Tensor:
     return ref_rdft_analysis(eye, ks).reshape(n, n)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.double(), b.double()
-    return ((a64 - b64).abs().max() / b64.abs().max().clamp_min(1e-300)).item()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # rdft matrices
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,6 +288,7 @@ def _forward(x: torch.Tensor, ks: tuple[int, ...], basis: str) -> torch.Tensor:
     return apply_synthesis(x, synthesis, ks, basis)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ks", [(3,), (4,), (3, 3), (2, 5), (4, 4), (2, 2, 3)], ids=ids)
 def test_registered_forward_gradients_match_irfftn(ks: tuple[int, ...]) -> None:
     """The rfft forward's own backward against autograd through ``torch.fft.irfftn``: first and second order

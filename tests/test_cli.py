@@ -1,4 +1,5 @@
-"""The ``spectral`` command line on real checkpoints: the samples, real architectures, foreign spectral layouts.
+"""The ``spectral`` command line on real checkpoints: the samples and real architectures (other libraries' spectral
+layouts are in ``tests/test_interop.py``).
 
 Everything runs on copies in ``tmp_path`` (``sample_models/`` is guarded by conftest). The CLI runs in-process
 through Typer's ``CliRunner`` with a pinned terminal width, except in the subprocess tests.
@@ -20,7 +21,6 @@ import pytest
 import torch
 from models import (
     ALL_SAMPLES,
-    ENV,
     SAMPLE_MODEL,
     SAMPLES_DIR,
     SPATIAL_SAMPLES,
@@ -30,6 +30,7 @@ from models import (
     build_registered,
     check_file_report_json,
     check_inspect_json,
+    child_env,
     conv_names,
     copy_samples,
     listing,
@@ -117,6 +118,7 @@ def test_no_arguments_shows_the_commands() -> None:
     assert "convert" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_cli_module_imports_no_torch() -> None:
     """``spectral --help`` and ``--version`` start without importing torch."""
     code = "import sys, spectral_cli.cli; sys.exit('torch' in sys.modules)"
@@ -583,11 +585,10 @@ def test_nan_and_inf_weights_are_carried_with_a_warning(tmp_path: Path) -> None:
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ENV}
-    env.update({k: v for k, v in ENV.items() if v is not None})
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=120)
+    return subprocess.run(args, cwd=cwd, env=child_env(), capture_output=True, text=True, check=False, timeout=120)
 
 
+@pytest.mark.slow
 def test_python_m_and_console_script(tmp_path: Path) -> None:
     work = copy_samples(tmp_path, ["balle.pt"])
     done = _run([sys.executable, "-m", "spectral_cli", "convert", "balle.pt", "--json"], work)
@@ -636,6 +637,7 @@ def _build(arch: str, seed: int) -> nn.Module:
     return ARCHITECTURES[arch][0]().eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_real_architecture_round_trip(tmp_path: Path, arch: str) -> None:
     model = _build(arch, seed=0)
@@ -661,92 +663,3 @@ def test_real_architecture_round_trip(tmp_path: Path, arch: str) -> None:
     assert summary(result.stdout)[2] == str(len(conv_names(model)))
     assert_same_tensors(read(tmp_path / "model.baked.pt"), model.state_dict())
     assert sha256(source) == digest
-
-
-# ---- foreign spectral layouts: the seed package and CompressAI ----------------------------------------------
-
-
-class SeedNet(nn.Module):
-    def __init__(self, kernel_size: tuple[int, int]) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, kernel_size)
-        self.head = nn.Conv2d(4, 2, 3)
-
-
-def _seed_checkpoint(tmp_path: Path, kernel_size: tuple[int, int]) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A pytorch-parametrizations 1.0.0 state dict, and the spatial weights its parametrization computes."""
-    from pytorch_parametrizations.spectral.utils import register_spectral_parametrization as seed_register
-
-    torch.manual_seed(0)
-    net = SeedNet(kernel_size)
-    seed_register(net)
-    path = tmp_path / "seed.pt"
-    torch.save(net.state_dict(), path)
-    with torch.no_grad():
-        expected = {
-            "conv.bias": net.conv.bias.clone(),
-            "conv.weight": net.conv.weight.clone(),
-            "head.bias": net.head.bias.clone(),
-            "head.weight": net.head.weight.clone(),
-        }
-    return path, expected
-
-
-def test_bake_a_seed_package_checkpoint(tmp_path: Path) -> None:
-    path, expected = _seed_checkpoint(tmp_path, (3, 3))
-    result = spectral("inspect", path)
-    assert result.exit_code == 0 and "inferred" in result.stdout
-    result = spectral("bake", path, "-o", tmp_path / "baked.pt")
-    assert result.exit_code == 0, result.stderr
-    baked = read(tmp_path / "baked.pt")
-    assert_same_tensors(baked, expected, ordered=False)
-    SeedNet((3, 3)).load_state_dict(baked, strict=True)
-
-
-def test_bake_a_seed_checkpoint_with_a_non_square_kernel_needs_the_kernel_size(tmp_path: Path) -> None:
-    path, expected = _seed_checkpoint(tmp_path, (3, 5))
-    out = tmp_path / "baked.pt"
-    result = spectral("bake", path, "-o", out)
-    assert result.exit_code == 4
-    assert "--kernel-size" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not out.exists()
-    result = spectral("bake", path, "-o", out, "--kernel-size", "3x5", "--json")
-    assert result.exit_code == 0, result.stderr
-    doc = parse_json(result.stdout)
-    check_file_report_json(doc, "bake")
-    assert {layer["name"]: layer["kernel_size"] for layer in doc["layers"]}["conv"] == [3, 5]
-    baked = read(out)
-    assert_same_tensors({"conv.weight": baked["conv.weight"]}, {"conv.weight": expected["conv.weight"]})
-
-
-def test_bake_a_compressai_spectral_conv(tmp_path: Path) -> None:
-    from compressai.layers import SpectralConv2d
-
-    torch.manual_seed(0)
-    net = nn.Sequential()
-    net.add_module("enc", SpectralConv2d(3, 6, 5, stride=2, padding=2))
-    net.add_module("act", nn.ReLU())
-    net.add_module("dec", SpectralConv2d(6, 3, 3, padding=1))
-    path = tmp_path / "compressai.pt"
-    torch.save(net.state_dict(), path)
-    assert net.state_dict()["enc.weight_transformed"].dtype == torch.complex64
-
-    result = spectral("bake", path, "--json")
-    assert result.exit_code == 0, result.stderr
-    doc = parse_json(result.stdout)
-    check_file_report_json(doc, "bake")
-    assert [(layer["source_key"], layer["key"]) for layer in doc["layers"]] == [
-        ("enc.weight_transformed", "enc.weight"),
-        ("dec.weight_transformed", "dec.weight"),
-    ]
-    baked = read(tmp_path / "compressai.baked.pt")
-    with torch.no_grad():
-        expected = {"enc.weight": net.enc.weight, "dec.weight": net.dec.weight}
-    assert_same_tensors({k: baked[k] for k in expected}, expected)
-    plain = nn.Sequential()
-    plain.add_module("enc", nn.Conv2d(3, 6, 5, stride=2, padding=2))
-    plain.add_module("act", nn.ReLU())
-    plain.add_module("dec", nn.Conv2d(6, 3, 3, padding=1))
-    plain.load_state_dict(baked, strict=True)
-    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert_same_outputs(plain.eval(), net.eval(), x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -9,13 +10,15 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("skimage", reason="the benchmark's photographs ship with scikit-image (extra: bench)")
-pytest.importorskip("compressai")
+if importlib.util.find_spec("compressai") is None:  # found, not imported: its import takes seconds of collection
+    pytest.skip("could not import 'compressai'", allow_module_level=True)
 pytest.importorskip("pytorch_parametrizations")
 
 # benchmarks/ is a top-level folder of the repository (on pytest's pythonpath), not part of the package.
 from benchmarks import convergence
 
 
+@pytest.mark.slow
 def test_convergence_smoke(tmp_path: Path) -> None:
     variants = list(convergence.ALL_VARIANTS)
     argv = [

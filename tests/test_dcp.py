@@ -6,19 +6,21 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import socket
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from models import check_inspect_json, listing, one_line, parse_json, rel_err, spectral
+from models import check_inspect_json, free_port, listing, one_line, parse_json, rel_err, spectral
 from torch import nn
 
 from spectral_cli import load_spectral, register_spectral_parametrization
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning"),
+]
 
 WORLD = 2
 
@@ -26,12 +28,6 @@ WORLD = 2
 def build(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, (3, 5), padding=(1, 2)))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _fsdp2_worker(rank: int, port: int, out: str) -> None:
@@ -71,7 +67,7 @@ def fsdp2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, di
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("dcp")
-    mp.spawn(_fsdp2_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_fsdp2_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out / "ckpt", torch.load(out / "full.pt", weights_only=True)
 
 

@@ -1,14 +1,14 @@
 """Checkpoints written by other libraries' own save code (random weights, nothing downloaded), through the real CLI.
 
 Each test builds the checkpoint with the package itself: timm's ``CheckpointSaver`` (pickled ``argparse.Namespace``
-beside the weights), ``torch.ao.quantization`` and torchvision's quantized models (``_packed_params`` entries that
-are not tensors), the old-style ``weight_norm``/``spectral_norm`` hooks.
+beside the weights), ``torch.ao.quantization`` (``_packed_params`` entries that are not tensors), transformers,
+diffusers, MONAI, Lightning with OmegaConf hyperparameters, CompressAI. What they hold that convert cannot take is
+in ``tests/test_say_why.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -17,11 +17,13 @@ import pytest
 import torch
 from models import assert_same_outputs, listing, one_line, parse_json, read, sha256, spectral
 from torch import nn
-from torch.nn.utils import prune
 
-from spectral_cli import load_spectral, register_spectral_parametrization
+from spectral_cli import load_spectral
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning"),
+]
 
 
 class SmallNet(nn.Module):
@@ -116,63 +118,6 @@ def test_a_dynamically_quantized_model_converts_its_float_convs(tmp_path: Path) 
     load_spectral(target, tmp_path / "q.spectral.pt")
     assert_same_outputs(target, quantized, X, tol=1e-5)
     assert spectral("bake", tmp_path / "q.spectral.pt").exit_code == 0
-
-
-def test_a_torchvision_quantized_model_lists_its_quantized_convs_as_skipped(tmp_path: Path) -> None:
-    from torchvision.models.quantization import mobilenet_v2
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = mobilenet_v2(weights=None, quantize=False).eval()
-        model.fuse_model()
-        model.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
-        torch.ao.quantization.prepare(model, inplace=True)
-        model(torch.randn(1, 3, 32, 32))
-        torch.ao.quantization.convert(model, inplace=True)
-        torch.save(model.state_dict(), tmp_path / "mobilenet_q.pt")
-    result = spectral("convert", tmp_path / "mobilenet_q.pt")
-    assert result.exit_code == 6, result.stderr
-    line = one_line(result.stderr)
-    assert "nothing to convert" in line and "not float (qint8)" in line, line
-    result = spectral("inspect", tmp_path / "mobilenet_q.pt", "--all", "--json")
-    assert result.exit_code == 0 and parse_json(result.stdout)["totals"]["layers"] == 0
-
-
-# ---- old-style hooks: skipped by the registrar, named by inspect --------------------------------------------------
-
-
-def test_old_style_weight_norm_and_spectral_norm_are_skipped_before_anything_changes(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        net = nn.Sequential(
-            nn.Conv2d(3, 4, 3),
-            nn.utils.weight_norm(nn.Conv2d(4, 4, 3)),
-            nn.utils.spectral_norm(nn.Conv2d(4, 4, 3)),
-            nn.Conv2d(4, 4, 3),
-            nn.Conv2d(4, 4, 3),
-        )
-    prune.l1_unstructured(net[4], "weight", amount=0.5)
-    reference = {k: v.clone() for k, v in net.state_dict().items()}
-    registration = register_spectral_parametrization(net)
-    assert registration.changed == ("0", "3")
-    reasons = dict(registration.skipped)
-    assert reasons["1"].startswith("old-style weight_norm") and reasons["2"].startswith("old-style spectral_norm")
-    assert reasons["4"].startswith("pruned") and 'torch.nn.utils.prune.remove(module, "weight")' in reasons["4"]
-    assert register_spectral_parametrization(net, undo=True).changed == ("0", "3")
-    for key, value in net.state_dict().items():
-        assert torch.allclose(value, reference[key], atol=1e-6), key
-    torch.save(net.state_dict(), tmp_path / "hooks.pt")
-    result = spectral("inspect", tmp_path / "hooks.pt", "--all", "--json")
-    assert result.exit_code == 0, result.stderr
-    domains = {layer["name"]: layer["domain"] for layer in parse_json(result.stdout)["layers"]}
-    assert domains == {"0": "spatial", "1": "weight_norm", "2": "spectral_norm", "3": "spatial", "4": "pruned"}
-    result = spectral("convert", tmp_path / "hooks.pt", "--json")
-    assert result.exit_code == 0, result.stderr
-    assert [layer["name"] for layer in parse_json(result.stdout)["layers"]] == ["0", "3"]
-    assert math.isfinite(parse_json(result.stdout)["max_error"])
-    assert set(read(tmp_path / "hooks.spectral.pt")) >= {"1.weight_g", "1.weight_v", "2.weight_orig"}
 
 
 # ---- model directories and checkpoints of real packages: convert -> load_spectral -> same outputs -> bake -> load ----

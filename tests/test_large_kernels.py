@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import spectral
+from models import rel_err, spectral
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -39,17 +39,12 @@ DEVICES = [
 #: odd, even, rectangular, every rank, sizes 1 in places: small enough for float64 dense references
 GRID = [(2,), (5,), (16,), (17,), (3, 4), (6, 5), (1, 6), (6, 1), (2, 3, 4), (4, 4, 4), (1, 1, 5), (5, 1, 2)]
 
-#: the sizes of the issue, and the two that asked for 17 GB and 40 GB in one allocation
-ISSUE_SIZES = [(3, 3), (7, 7), (31, 31), (51, 51), (128, 128), (4096,), (255, 255), (100_000,)]
+#: small to large kernels, with the two whose dense matrices would take 17 GB and 40 GB in one allocation
+SIZES = [(3, 3), (7, 7), (31, 31), (51, 51), (128, 128), (4096,), (255, 255), (100_000,)]
 
 
 def ids(ks: tuple[int, ...]) -> str:
     return "x".join(map(str, ks))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.detach().double(), b.detach().double()
-    return ((a64 - b64).abs().max() / b64.abs().max()).item()
 
 
 def test_the_rule_splits_where_documented() -> None:
@@ -89,8 +84,8 @@ def test_separable_rfft_is_rfftn(ks: tuple[int, ...]) -> None:
 
 
 @pytest.mark.parametrize("basis", BASES)
-@pytest.mark.parametrize("ks", ISSUE_SIZES, ids=ids)
-def test_round_trip_at_every_size_of_the_issue(ks: tuple[int, ...], basis: str) -> None:
+@pytest.mark.parametrize("ks", SIZES, ids=ids)
+def test_round_trip_from_3x3_to_100000_taps(ks: tuple[int, ...], basis: str) -> None:
     """float32 kernels come back within 1e-6 (relative to the largest tap), and the coefficients match the
     float64 transform to float rounding."""
     kernels = max(2, 2**16 // math.prod(ks))
@@ -205,16 +200,16 @@ print(json.dumps({"code": code, "above": status("VmHWM") - before}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
 @pytest.mark.parametrize(("shape", "command"), [
     ((1, 1, 128, 128), "convert"), ((1, 1, 255, 255), "convert"), ((1, 1, 100_000), "convert"),
     ((1, 1, 255, 255), "bake"), ((64, 1, 512, 512), "convert"), ((64, 1, 512, 512), "bake"),
 ], ids=["128x128", "255x255", "1-D 100000", "bake 255x255", "64 MB of 512x512", "bake 64 MB of 512x512"])  # fmt: skip
 def test_large_kernel_files_convert_in_bounded_memory(tmp_path: Path, shape: tuple[int, ...], command: str) -> None:
-    """The issue's files: 9.8 GB, 17 GB and 40 GB asked of the dense method; now under 100 MB above imports
-    (measured in a process of its own, through the CLI). 64 MB of 512x512 kernels: slabs of one kernel each,
-    and fewer of them in flight, under 150 MB (measured 56-61 MiB converting, 58-98 baking; runs of 16 kernels,
-    4 slabs ahead, took 437-484 MiB)."""
+    """Files whose dense method would ask 9.8 GB, 17 GB and 40 GB: under 100 MB above imports (measured in a process
+    of its own, through the CLI). 64 MB of 512x512 kernels: slabs of one kernel each, and few of them in flight,
+    under 150 MB (figures: docs/measurements.md)."""
     source = tmp_path / "large.safetensors"
     weight = torch.randn(*shape)
     save_file({"conv.weight": weight, "conv.bias": torch.zeros(1)}, str(source))
@@ -263,6 +258,7 @@ def test_an_unknown_method_is_refused() -> None:
     assert spectral_cli.to_spectral is to_spectral
 
 
+@pytest.mark.slow
 def test_compiled_training_of_large_kernels_matches_eager() -> None:
     """torch.compile (inductor, one graph, no break) trains a large-kernel model as eager does: the FFTs of the
     separable method compile as the dense product does."""

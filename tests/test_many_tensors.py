@@ -64,6 +64,7 @@ def _many(n: int = 3000) -> dict[str, torch.Tensor]:
     return sd
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("basis", ["rfft", "rdft"])
 def test_a_file_of_thousands_of_small_tensors_holds_the_library_values(tmp_path: Path, basis: str) -> None:
     sd = _many()
@@ -185,6 +186,7 @@ def _corrupt_then_verify(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(convert_module, "verify_output", corrupted)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["blocks.1234.conv.parametrizations.weight.original", "blocks.1236.conv.bias"])
 def test_one_wrong_value_among_thousands_of_small_tensors_is_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from models import rel_err
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -60,11 +61,6 @@ def stored_shape(weight_shape: tuple[int, ...], basis: str) -> tuple[int, ...]:
     if basis == "rfft":
         return (2, *weight_shape[:-1], weight_shape[-1] // 2 + 1)
     return weight_shape
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.detach().double(), b.detach().double()
-    return ((a64 - b64).abs().max() / b64.abs().max()).item()
 
 
 def ref_spatial(x: torch.Tensor, ks: tuple[int, ...], basis: str) -> torch.Tensor:

@@ -5,28 +5,33 @@ Built with the packages themselves (random weights, nothing downloaded): transfo
 parametrizations), torch.nn.utils.prune, float8 weights, peft LoRA adapters, a Hugging Face hub cache laid out as
 huggingface_hub lays it out, and a container of pickled modules as ultralytics writes one
 (``{"model": DetectionModel, "ema": ..., "train_args": ...}``; ultralytics itself is not a test dependency: its
-container is rebuilt here with a module class of this file, which is what its pickle looks like).
+container is rebuilt here with a module class of this file, which is what its pickle looks like); torchvision's
+quantized models, the old-style ``weight_norm``/``spectral_norm`` hooks, and tensors no transform takes (quantized,
+integer, complex, float8, sparse, nested, meta, empty), which are carried over untouched.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from models import assert_same_outputs, listing, one_line, parse_json, read, spectral
+from hostile_inputs import conv_state, quantize
+from models import assert_same_outputs, listing, one_line, parse_json, read, rel_err, spectral
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import prune
 
-from spectral_cli import load_spectral
+from spectral_cli import load_spectral, register_spectral_parametrization
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
 
@@ -54,6 +59,7 @@ def _skipped(doc: dict[str, Any]) -> dict[str, str]:
 # ---- weight_norm (transformers' Encodec) -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_encodec_weight_norm_layers_are_named_with_the_fix_and_the_fix_converts_them(tmp_path: Path) -> None:
     model = _encodec()
     normed = _weight_normed(model)
@@ -237,6 +243,7 @@ def _ultralytics_like(tmp_path: Path) -> tuple[Path, Path, Detector]:
     return source, mark, model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trust", [False, True], ids=["untrusted", "trusted"])
 def test_a_container_of_pickled_modules_is_refused_before_unpickling_with_the_recipe(
     tmp_path: Path, trust: bool
@@ -306,6 +313,7 @@ def _adapter(tmp_path: Path) -> tuple[nn.Module, Path]:
     return model.eval(), tmp_path / "adapter"
 
 
+@pytest.mark.slow
 def test_a_peft_adapter_is_refused_with_the_fix_and_the_merged_model_converts(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     model, adapter = _adapter(tmp_path)
@@ -385,3 +393,139 @@ def test_an_input_inside_a_hub_cache_is_written_to_the_current_directory(
     assert sorted(p.name for p in work.iterdir()) == ["tiny-net.model.spectral.safetensors", "tiny-net.spectral"]
     assert _revisions(cache) == (1, [])  # nothing was added to the cache
     assert sorted(p.name for p in snapshot.parent.iterdir()) == [snapshot.name]
+
+
+# ---- torchvision's quantized models: their convs are listed as skipped -----------------------------------------------
+
+
+def test_a_torchvision_quantized_model_lists_its_quantized_convs_as_skipped(tmp_path: Path) -> None:
+    from torchvision.models.quantization import mobilenet_v2
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = mobilenet_v2(weights=None, quantize=False).eval()
+        model.fuse_model()
+        model.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+        torch.ao.quantization.prepare(model, inplace=True)
+        model(torch.randn(1, 3, 32, 32))
+        torch.ao.quantization.convert(model, inplace=True)
+        torch.save(model.state_dict(), tmp_path / "mobilenet_q.pt")
+    result = spectral("convert", tmp_path / "mobilenet_q.pt")
+    assert result.exit_code == 6, result.stderr
+    line = one_line(result.stderr)
+    assert "nothing to convert" in line and "not float (qint8)" in line, line
+    result = spectral("inspect", tmp_path / "mobilenet_q.pt", "--all", "--json")
+    assert result.exit_code == 0 and parse_json(result.stdout)["totals"]["layers"] == 0
+
+
+# ---- old-style hooks: skipped by the registrar, named by inspect --------------------------------------------------
+
+
+def test_old_style_weight_norm_and_spectral_norm_are_skipped_before_anything_changes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.utils.weight_norm(nn.Conv2d(4, 4, 3)),
+            nn.utils.spectral_norm(nn.Conv2d(4, 4, 3)),
+            nn.Conv2d(4, 4, 3),
+            nn.Conv2d(4, 4, 3),
+        )
+    prune.l1_unstructured(net[4], "weight", amount=0.5)
+    reference = {k: v.clone() for k, v in net.state_dict().items()}
+    registration = register_spectral_parametrization(net)
+    assert registration.changed == ("0", "3")
+    reasons = dict(registration.skipped)
+    assert reasons["1"].startswith("old-style weight_norm") and reasons["2"].startswith("old-style spectral_norm")
+    assert reasons["4"].startswith("pruned") and 'torch.nn.utils.prune.remove(module, "weight")' in reasons["4"]
+    assert register_spectral_parametrization(net, undo=True).changed == ("0", "3")
+    for key, value in net.state_dict().items():
+        assert torch.allclose(value, reference[key], atol=1e-6), key
+    torch.save(net.state_dict(), tmp_path / "hooks.pt")
+    result = spectral("inspect", tmp_path / "hooks.pt", "--all", "--json")
+    assert result.exit_code == 0, result.stderr
+    domains = {layer["name"]: layer["domain"] for layer in parse_json(result.stdout)["layers"]}
+    assert domains == {"0": "spatial", "1": "weight_norm", "2": "spectral_norm", "3": "spatial", "4": "pruned"}
+    result = spectral("convert", tmp_path / "hooks.pt", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert [layer["name"] for layer in parse_json(result.stdout)["layers"]] == ["0", "3"]
+    assert math.isfinite(parse_json(result.stdout)["max_error"])
+    assert set(read(tmp_path / "hooks.spectral.pt")) >= {"1.weight_g", "1.weight_v", "2.weight_orig"}
+
+
+# ---- exotic tensors beside a real conv: carried over untouched, skipped with a reason ---------------------------
+
+
+def _nested() -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.nested.nested_tensor([torch.ones(2, 3), torch.zeros(1, 3)])
+
+
+EXOTIC: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
+    "int8": (lambda w: (w * 20).to(torch.int8), "not float (int8)"),
+    "quantized": (quantize, "not float (qint8)"),
+    "complex64": (lambda w: w.to(torch.complex64), "not float (complex64)"),
+    "float8": (lambda w: w.to(torch.float8_e4m3fn), "float8 (float8_e4m3fn)"),
+    "sparse": (lambda w: w.to_sparse(), "not a dense tensor (sparse_coo)"),
+    "meta": (lambda w: torch.empty_like(w, device="meta"), "not a dense tensor (meta)"),
+    "nested": (lambda w: _nested(), ""),
+    "empty": (lambda w: w[:0].clone(), ""),
+}
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_nested:
+        return all(torch.equal(x, y) for x, y in zip(a.unbind(), b.unbind(), strict=True))
+    if a.is_meta:
+        return b.is_meta and a.shape == b.shape and a.dtype == b.dtype
+    if a.layout != torch.strided:
+        return a.layout == b.layout and torch.equal(a.to_dense(), b.to_dense())
+    if a.is_quantized:
+        return b.is_quantized and torch.equal(a.int_repr(), b.int_repr()) and a.q_scale() == b.q_scale()
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _load(path: Path) -> Any:
+    with warnings.catch_warnings():  # sparse tensors: torch warns that it validates them
+        warnings.simplefilter("ignore")
+        return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("exotic", list(EXOTIC))
+def test_exotic_tensors_are_carried_over(tmp_path: Path, exotic: str) -> None:
+    make, reason = EXOTIC[exotic]
+    state = conv_state()
+    odd = make(torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(1)))
+    state["odd.weight"] = odd
+    source = tmp_path / "mixed.pt"
+    torch.save(state, source)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+
+    result = spectral("convert", source, "--json")
+    assert result.exit_code == 0, result.stderr
+    fixes = ["1 layer skipped (float8 (float8_e4m3fn)): to convert it, cast"] if exotic == "float8" else []
+    assert [w[: len(f)] for w, f in zip(parse_json(result.stdout)["warnings"], fixes, strict=True)] == fixes
+    assert (result.stderr == "") == (not fixes)
+    doc = parse_json(result.stdout)
+    assert [layer["name"] for layer in doc["layers"]] == ["conv", "head"] + (["odd"] if exotic == "empty" else [])
+    skipped = {s["key"]: s["reason"] for s in doc["skipped"]}
+    if reason:
+        assert skipped == {"odd.weight": reason}
+    converted = _load(tmp_path / "mixed.spectral.pt")
+    if exotic != "empty":
+        assert _equal(converted["odd.weight"], odd)
+
+    result = spectral("inspect", tmp_path / "mixed.spectral.pt", "--all")
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    result = spectral("bake", tmp_path / "mixed.spectral.pt")
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    baked = _load(tmp_path / "mixed.baked.pt")
+    assert list(baked) == list(state)
+    assert _equal(baked["odd.weight"], odd)
+    for key in ("conv.weight", "head.weight"):
+        assert rel_err(baked[key], state[key]) <= 1e-6
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
+    assert math.isfinite(doc["max_error"])

@@ -508,6 +508,7 @@ def _imports_torch(*args: str) -> tuple[bool, str]:
     return "TORCH=True" in proc.stderr, proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inspect_json", [False, True])
 def test_help_and_inspect_of_safetensors_do_not_import_torch(tmp_path: Path, inspect_json: bool) -> None:
     path = tmp_path / "m.safetensors"

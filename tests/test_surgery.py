@@ -1,8 +1,8 @@
-"""State-dict surgery: convert, bake, describe, foreign checkpoints, records.
+"""State-dict surgery: convert, bake, describe, records.
 
 References are independent of ``spectral_cli.statedict.surgery``: ``torch.nn.utils.parametrize`` itself (through
-``register_spectral_parametrization``), ``torch.fft`` directly, the seed package pytorch-parametrizations 1.0.0
-and CompressAI's ``SpectralConv2d``.
+``register_spectral_parametrization``) and ``torch.fft`` directly. Checkpoints of other libraries' layouts (the
+seed package, CompressAI) are in ``tests/test_interop.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from models import assert_close_rel
 from torch import nn
 
 from spectral_cli import (
@@ -30,18 +31,6 @@ from spectral_cli.statedict.surgery import records_of
 
 BASES = ("rfft", "rdft")
 SUFFIX = "parametrizations.weight.original"
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    a, e = actual.detach().double(), expected.detach().double()
-    scale = e.abs().max().item()
-    diff = (a - e).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
-    assert actual.shape == expected.shape
-    assert rel_err(actual, expected) <= tol, (rel_err(actual, expected), tol)
 
 
 class Mixed(nn.Module):
@@ -458,148 +447,6 @@ def test_describe_infers_square_rfft_without_record() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# foreign checkpoints: pytorch-parametrizations 1.0.0
-
-
-def seed_register(model: nn.Module) -> None:
-    from pytorch_parametrizations.spectral.utils import register_spectral_parametrization as seed
-
-    seed(model)
-
-
-def seed_net(k: int | tuple[int, int]) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3, 4, k, padding="same" if isinstance(k, int) and k % 2 else 0),
-        nn.ReLU(),
-        nn.ConvTranspose2d(4, 3, k, stride=2),
-        nn.Conv2d(3, 2, 1),
-    )
-
-
-@pytest.mark.parametrize("k", [2, 3, 4, 5, 7])
-def test_bake_seed_checkpoint(k: int) -> None:
-    torch.manual_seed(k)
-    model = seed_net(k).eval()
-    seed_register(model)
-    expected = {
-        f"{name}.weight": m.weight.detach().clone() for name, m in model.named_modules() if name in ("0", "2", "3")
-    }
-    sd = model.state_dict()
-    assert records_of(sd) == {}
-    x = torch.randn(1, 3, 12, 12)
-    with torch.no_grad():
-        reference = model(x)
-
-    baked = bake_state_dict(sd)
-
-    assert {c.target_key for c in baked.changed} == set(expected)
-    for change in baked.changed:
-        assert change.inferred is True
-        assert change.basis == "rfft"
-        assert change.kernel_size == ((k, k) if change.name != "3" else (1, 1))
-        assert_close_rel(baked.state_dict[change.target_key], expected[change.target_key], 1e-6)
-    plain = seed_net(k).eval()
-    plain.load_state_dict(baked.state_dict, strict=True)
-    with torch.no_grad():
-        assert_close_rel(plain(x), reference, 1e-5)
-
-
-@pytest.mark.parametrize("ks", [(3, 5), (5, 3), (3, 4), (5, 7)])
-def test_seed_non_square_kernel_needs_kernel_size(ks: tuple[int, int]) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, ks))
-    seed_register(model)
-    expected = model[0].weight.detach().clone()
-    sd = model.state_dict()
-    with pytest.raises(AmbiguousKernelSizeError, match=r"0\.parametrizations\.weight\.original"):
-        bake_state_dict(sd)
-    baked = bake_state_dict(sd, kernel_size=ks)
-    assert baked.changed[0].kernel_size == ks
-    assert baked.changed[0].inferred is False
-    assert_close_rel(baked.state_dict["0.weight"], expected, 1e-6)
-    nn.Sequential(nn.Conv2d(3, 4, ks)).load_state_dict(baked.state_dict, strict=True)
-
-
-def test_seed_kernel_size_given_with_other_square_layers() -> None:
-    """kernel_size= is for the layers it fits; the square ones are still inferred and baked, not left behind."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, (3, 5)), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 2, 4))
-    seed_register(model)
-    expected = {f"{i}.weight": model[i].weight.detach().clone() for i in range(3)}
-    baked = bake_state_dict(model.state_dict(), kernel_size=(3, 5))
-    assert set(baked.state_dict) == {f"{i}.{p}" for i in range(3) for p in ("weight", "bias")}
-    for key, value in expected.items():
-        assert_close_rel(baked.state_dict[key], value, 1e-6)
-    by_name = {c.name: c for c in baked.changed}
-    assert [(by_name[n].kernel_size, by_name[n].inferred) for n in "012"] == [
-        ((3, 5), False),
-        ((3, 3), True),
-        ((4, 4), True),
-    ]
-
-    # a layer the given size does not fit and whose size cannot be inferred is named, not left behind
-    model = nn.Sequential(nn.Conv2d(3, 4, (3, 5)), nn.Conv2d(4, 4, (5, 3)))
-    seed_register(model)
-    with pytest.raises(AmbiguousKernelSizeError, match=r"1\.parametrizations\.weight\.original"):
-        bake_state_dict(model.state_dict(), kernel_size=(3, 5))
-
-
-def test_seed_checkpoint_loads_into_spectral_cli_registration() -> None:
-    """The rfft layout is the seed's: its state dict loads strictly into our registration, same outputs."""
-    torch.manual_seed(0)
-    model = seed_net(3).eval()
-    seed_register(model)
-    x = torch.randn(1, 3, 10, 10)
-    with torch.no_grad():
-        reference = model(x)
-    ours = seed_net(3).eval()
-    register_spectral_parametrization(ours)
-    # the seed parametrizes 1x1 kernels too; we leave them spatial
-    sd = bake_state_dict(model.state_dict(), include="3").state_dict
-    ours.load_state_dict(sd, strict=True)
-    with torch.no_grad():
-        assert_close_rel(ours(x), reference, 1e-5)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# foreign checkpoints: CompressAI SpectralConv2d
-
-
-@pytest.mark.filterwarnings("ignore:.torch.jit.script. is deprecated:FutureWarning")
-def test_bake_compressai_spectral_conv() -> None:
-    from compressai.layers import SpectralConv2d, SpectralConvTranspose2d
-
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        SpectralConv2d(3, 4, 5, padding=2),
-        SpectralConvTranspose2d(4, 3, 4, stride=2, padding=1),
-        SpectralConv2d(3, 2, 3),
-    ).eval()
-    sd = model.state_dict()
-    assert sd["0.weight_transformed"].dtype == torch.complex64
-    x = torch.randn(1, 3, 12, 12)
-    with torch.no_grad():
-        reference = model(x)
-
-    baked = bake_state_dict(sd)
-
-    plain = nn.Sequential(
-        nn.Conv2d(3, 4, 5, padding=2), nn.ConvTranspose2d(4, 3, 4, stride=2, padding=1), nn.Conv2d(3, 2, 3)
-    )
-    assert set(baked.state_dict) == set(plain.state_dict())
-    for i, ks in ((0, (5, 5)), (1, (4, 4)), (2, (3, 3))):
-        weight = baked.state_dict[f"{i}.weight"]
-        assert weight.dtype == torch.float32
-        assert_close_rel(weight, model[i].weight.detach(), 1e-6)
-        change = next(c for c in baked.changed if c.name == str(i))
-        assert change.kernel_size == ks
-        assert change.source_key == f"{i}.weight_transformed"
-    plain.eval().load_state_dict(baked.state_dict, strict=True)
-    with torch.no_grad():
-        assert_close_rel(plain(x), reference, 1e-5)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # errors
 
 
@@ -619,17 +466,3 @@ def test_half_converted_state_dict_is_refused(basis: str) -> None:
 def test_unknown_basis_is_refused() -> None:
     with pytest.raises(SpectralError, match="dct"):
         convert_state_dict(make_mixed().state_dict(), basis="dct")  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("kernel", [(3, 3), (4, 4), (3, 5)])
-def test_record_less_seed_checkpoint_counts_as_already_spectral(kernel: tuple[int, int]) -> None:
-    from pytorch_parametrizations.spectral.utils import register_spectral_parametrization as seed_register
-
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 4, kernel))
-    seed_register(net)
-    result = convert_state_dict(net.state_dict())
-    assert result.changed == ()
-    assert [(s.key, s.reason) for s in result.skipped] == [("0.parametrizations.weight.original", "already spectral")]
-    for key, value in net.state_dict().items():
-        assert torch.equal(result.state_dict[key], value)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import ENV, REPO, parse_json, read, spectral
+from models import REPO, child_env, parse_json, read, spectral
 from rich.cells import cell_len
 from safetensors.torch import load_file, save_file
 
@@ -43,14 +43,6 @@ LONG_NAMES = {
     "decoder.head.pointwise_projection": (3, 32, 1, 1),
     "g.0": (8, 8, 3, 3),
 }
-
-
-def _env(**extra: str | None) -> dict[str, str]:
-    """The environment of a ``spectral`` subprocess: this one's, with the tests' pinned values and ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in ENV and k not in extra}
-    env.update({k: v for k, v in {**ENV, **extra}.items() if v is not None})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return env
 
 
 def _state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -117,7 +109,7 @@ def test_tables_at_every_width(long_names: Path, case: str, width: int) -> None:
 
 
 def test_tokens_are_never_split_at_80_columns(samples: Path) -> None:
-    """The issue's case: at a pipe's 80 columns, shapes and kinds stay whole, and each layer is one line."""
+    """At a pipe's 80 columns, shapes and kinds stay whole, and each layer is one line."""
     for args in (["convert", samples / "balle.pt", "-o", samples / "w.pt"], ["inspect", samples / "balle.spectral.pt"]):
         result = spectral(*args, env={"COLUMNS": "80"})
         assert result.exit_code == 0, result.stderr
@@ -184,7 +176,7 @@ def _through_a_closing_pipe(args: list[str], cwd: Path) -> tuple[int, bytes, byt
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
     with subprocess.Popen([sys.executable, "-m", "spectral_cli", *args], stdout=write_end, stderr=subprocess.PIPE,
-                          cwd=cwd, env=_env(COLUMNS="200")) as proc:  # fmt: skip
+                          cwd=cwd, env=child_env(COLUMNS="200")) as proc:  # fmt: skip
         os.close(write_end)
         line = b""
         while not line.endswith(b"\n"):
@@ -213,6 +205,7 @@ PIPED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(PIPED))
 def test_a_reader_that_goes_away(many: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     """``| head -1``: quiet, no traceback; exit 0 when the output file is written (and it is the same file as
@@ -239,19 +232,20 @@ def test_a_reader_that_goes_away(many: Path, tmp_path: Path, monkeypatch: pytest
         assert sorted(p.name for p in tmp_path.iterdir()) == ["many.pt", "many.spectral.pt"]
 
 
+@pytest.mark.slow
 def test_stdout_that_fails_after_the_output_is_written(many: Path, tmp_path: Path) -> None:
     """A report that cannot be printed (a full disk) after the output was written: a warning, exit 0; a listing
     that cannot be printed: an error naming stdout, exit 1. Never an internal error."""
     with open("/dev/full", "w") as full:
         done = subprocess.run([sys.executable, "-m", "spectral_cli", "convert", many / "many.pt", "-o",
                                tmp_path / "out.pt"], stdout=full, stderr=subprocess.PIPE, text=True,
-                              env=_env(), check=False, timeout=120)  # fmt: skip
+                              env=child_env(), check=False, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert done.stderr.startswith("warning: could not print the report (") and "internal" not in done.stderr
         assert done.stderr.rstrip().endswith(f"{tmp_path / 'out.pt'} is written and verified")
         assert len(read(tmp_path / "out.pt")) == len(MANY) + 1
         listed = subprocess.run([sys.executable, "-m", "spectral_cli", "inspect", many / "many.spectral.pt"],
-                                stdout=full, stderr=subprocess.PIPE, text=True, env=_env(), check=False,
+                                stdout=full, stderr=subprocess.PIPE, text=True, env=child_env(), check=False,
                                 timeout=120)  # fmt: skip
         assert (listed.returncode, listed.stderr) == (1, "error: stdout: No space left on device\n")
 
@@ -268,6 +262,7 @@ LOCALES: dict[str, tuple[dict[str, str | None], str, list[str]]] = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("locale", list(LOCALES))
 def test_locales(tmp_path: Path, locale: str) -> None:
     """Names that are not ASCII or hold control characters, the sparkline and the arrow, in what stdout can say:
@@ -277,7 +272,7 @@ def test_locales(tmp_path: Path, locale: str) -> None:
 
     def run(*args: str | Path) -> str:
         done = subprocess.run([sys.executable, "-m", "spectral_cli", *map(str, args)], capture_output=True,
-                              cwd=tmp_path, env=_env(**env), check=False, timeout=120)  # fmt: skip
+                              cwd=tmp_path, env=child_env(**env), check=False, timeout=120)  # fmt: skip
         assert (done.returncode, done.stderr) == (0, b""), done.stderr.decode(errors="replace")
         return done.stdout.decode(encoding)  # strict: fails on a byte the locale cannot read
 
@@ -398,6 +393,7 @@ def _printed(capsys: pytest.CaptureFixture[str], *args: Any) -> str:
     return out.out
 
 
+@pytest.mark.slow
 def test_a_table_of_100000_layers_is_summarized(
     huge: FileReport, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -419,6 +415,7 @@ def test_a_table_of_100000_layers_is_summarized(
     assert [layer["name"] for layer in doc["layers"]] == [f"layer{i}" for i in range(N)]
 
 
+@pytest.mark.slow
 def test_an_inspect_table_of_100000_layers_is_summarized() -> None:
     layers = [("", LayerInfo(f"layer{i}", f"layer{i}.parametrizations.weight.original", "spectral", "rfft", (3, 3),
                              (2, 64 if i in BIG else 1, 1, 3, 2), "float32")) for i in range(N)]  # fmt: skip

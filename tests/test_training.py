@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import datetime
 import os
-import socket
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.utils.parametrize as parametrize
+from models import free_port, rel_err
 from torch import nn
 
 from spectral_cli import SpectralParametrization, register_spectral_parametrization
@@ -55,15 +55,10 @@ def batch(step: int, size: int = 8, dtype: torch.dtype = torch.float32, device: 
     return x.to(device), y.to(device)
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    scale = e.abs().max().item()
-    return (a - e).abs().max().item() / (scale if scale > 0 else 1.0)
-
-
 # ---- torch.compile --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_training_matches_eager_and_compiles_once(device: str) -> None:
     import torch._dynamo
@@ -110,7 +105,7 @@ def test_compiled_training_matches_eager_and_compiles_once(device: str) -> None:
 # ---- bf16 autocast ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 @pytest.mark.parametrize("ks", [3, 25], ids=["3x3 dense", "25x25 separable"])
 @pytest.mark.parametrize("basis", ["rfft", "rdft"])
 @pytest.mark.parametrize("device", DEVICES)
@@ -169,12 +164,6 @@ def test_channels_last_is_set_before_registering_as_the_readme_says() -> None:
 WORLD = 2
 STEPS = 4
 GLOBAL_BATCH = 8
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _train(model: nn.Module, rank: int, world: int, device: str) -> None:
@@ -244,13 +233,14 @@ def distributed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
     device = request.param
     out = tmp_path_factory.mktemp(f"dist-{device}")
-    mp.spawn(_distributed_worker, args=(_free_port(), str(out), device), nprocs=WORLD, join=True)
+    mp.spawn(_distributed_worker, args=(free_port(), str(out), device), nprocs=WORLD, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     reference = build(dtype=torch.float64, device=device)
     _train(reference, 0, 1, device)
     yield ranks, {k: v.detach().cpu() for k, v in reference.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_distributed_training_equals_one_process(distributed: Any, mode: str) -> None:
     ranks, reference = distributed
@@ -319,12 +309,13 @@ def _fsdp4_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fsdp2_on_four_ranks_spreads_the_rfft_coefficients(tmp_path: Path) -> None:
     """fully_shard splits dim 0, the rfft planes: 2 of 4 ranks held nothing of those layers. With
     spectral_shard_placement every rank holds a quarter, and training gives one process's parameters."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp4_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD4, join=True)
+    mp.spawn(_fsdp4_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD4, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD4)]
     assert all("error" not in r for r in ranks), next(r["error"] for r in ranks if "error" in r)
     reference = build4()

@@ -177,8 +177,8 @@ def _transform(action: Action, path: Path, options: Options, io: Io) -> FileRepo
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """No cyclic garbage collection while a file is converted (restored after). A convert makes a few objects per
-    tensor that live to its end (specs, steps, changes), and each full collection walks them all: measured 60%
-    of reading a header of 100,000 tensors, and a third of a convert of them. What it frees it frees by reference
+    tensor that live to its end (specs, steps, changes), and each full collection walks them all, which for many
+    tensors costs more than the reading itself (docs/measurements.md). What it frees it frees by reference
     counting."""
     enabled = gc.isenabled()
     gc.disable()

@@ -426,8 +426,8 @@ def _carry(tensor: Any, out: OutFile, offset: int) -> None:
 
 class _EarlyWriteback:
     """Has the kernel write a file's data to disk while more is being written: ``fdatasync`` on a thread of its
-    own every ``writeback_bytes``, so that the fsync before the rename finds little left to do (measured here:
-    that fsync took 0.45 s of a 1.7 s convert of 1 GiB). An error of a background fdatasync is raised by
+    own every ``writeback_bytes``, so that the fsync before the rename finds little left to do (otherwise it is a
+    large part of a convert: docs/measurements.md). An error of a background fdatasync is raised by
     ``wrote`` or at the end of the block (the kernel reports it once, to that call)."""
 
     def __init__(self, out: OutFile, every: int) -> None:
@@ -512,7 +512,7 @@ def verify_header(
     """Read a written header back (before it is renamed into place): byte for byte the header of every tensor and
     record as planned (``header``, if given: what :func:`write_safetensors` wrote for them), in a file of the size
     it promises. The values are read back by the strict reader in :func:`~spectral_cli.files.verify.verify_output`
-    (parsing the header here as well was a second parse of it: seconds for 100,000 tensors)."""
+    (parsing the header here as well would parse it a second time, which is slow for many tensors)."""
     expected = header_bytes(specs, metadata) if header is None else header
     size = len(expected) + sum(spec.nbytes for spec in specs.values())
     fd = open_regular(path)

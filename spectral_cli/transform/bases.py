@@ -230,7 +230,7 @@ def to_spectral(
     """Map spatial kernels ``w`` to spectral coefficients (keeps ``w.dtype``; differentiable).
 
     ``rfft`` gives the numbers of ``torch.fft.rfftn`` (as pytorch-parametrizations 1.0.0 stores them) to
-    float rounding: for small kernels as a matrix product (about ten times faster than ``rfftn``), for large
+    float rounding: for small kernels as a matrix product (faster than ``rfftn`` there), for large
     ones with ``rfftn`` itself (``method``: see :func:`to_spatial`).
     """
     ks, basis = check_kernel_size(kernel_size), check_basis(basis)

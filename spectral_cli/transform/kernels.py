@@ -29,11 +29,9 @@ DEFAULT_BASIS: Basis = "rfft"
 Method = Literal["dense", "separable"]
 METHODS: tuple[str, ...] = ("dense", "separable")
 
-#: the largest kernel (in taps) transformed by the dense product; larger ones are separable. Measured on one
-#: CPU thread (docs/kernels.md, and a first sweep of more sizes): the dense product is 2-30x faster up to 11x11
-#: and 5x5x5; about even from 21x21 to 31x31, at 7x7x7 and at 1-D 64 (31x31 in two runs: the separable rfft
-#: 1.5-1.7x faster, rdft within 16% either way); 4-230x slower from 51x51 and 1-D 256 on, where its matrix
-#: also grows as taps^2 (9.8 GB at 128x128).
+#: the largest kernel (in taps) transformed by the dense product; larger ones are separable. The dense product is
+#: faster for small kernels, about even around this size, and ever slower above it, where its matrix also grows as
+#: taps^2 (figures: docs/kernels.md, docs/measurements.md).
 DENSE_MAX_TAPS = 512
 
 #: dtypes whose kernels are converted (computed in float32 at least, stored back in the same dtype)

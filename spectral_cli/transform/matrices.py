@@ -133,7 +133,7 @@ def _row_matrices(basis: Basis, kernel_size: tuple[int, ...], dtype: torch.dtype
 
 
 def _padded_width(width: int) -> int:
-    # Zero columns up to a width MKL handles well: a product 9 columns wide ran 4x slower than one of 16.
+    # Zero columns up to a width MKL handles well: odd narrow widths are much slower (docs/measurements.md).
     return -width % 16 + width if width < 32 else -width % 8 + width
 
 

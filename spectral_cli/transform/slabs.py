@@ -47,12 +47,12 @@ _T = TypeVar("_T")
 
 class Scratch:
     """Threads and slab buffers reused from tensor to tensor while streaming a file (fresh memory costs page
-    faults: measured 10x the time of filling memory already touched; threads of their own keep malloc arenas).
+    faults, far slower to fill than memory already touched; threads of their own keep malloc arenas).
 
     ``workers``: the threads (default ``torch.get_num_threads()``). Inside a ``with`` block the calling thread runs
     torch single-threaded too (restored at its end): its operations between slabs are small, and each one that
-    torch would split wakes an OpenMP team whose threads then spin for milliseconds (measured: a 21x2 ``max``
-    every 5 ms kept a second core busy). ``close()`` (or the end of the block) stops the threads.
+    torch would split wakes an OpenMP team whose threads then spin for milliseconds, keeping another core busy
+    (docs/measurements.md). ``close()`` (or the end of the block) stops the threads.
     """
 
     def __init__(self, slab_bytes: int = SLAB_BYTES, workers: int | None = None) -> None:
@@ -336,7 +336,7 @@ def _round_trip_error(
         else:  # a product per block, summed: the blocks are not copied side by side
             rows = itertools.accumulate((block.shape[1] for block in blocks), initial=0)
             parts = [(synthesis[a:b], block) for (a, b), block in zip(itertools.pairwise(rows), blocks, strict=True)]
-            if taps < 16:  # narrow products are slow row by row (measured: 2x for 3x3); transposed they are wide
+            if taps < 16:  # narrow products are slow row by row (docs/measurements.md); transposed they are wide
                 back, expected = back.view(taps, m), weight.T
                 for k, (s, block) in enumerate(parts):
                     torch.mm(s.T, block.T, out=back) if k == 0 else back.addmm_(s.T, block.T)
@@ -384,7 +384,7 @@ def _relative_error(slabs: Sequence[torch.Tensor]) -> float:
 
 #: a tensor of at most this many bytes of kernels (in the compute dtype, its rows padded as a product pads them) is
 #: transformed together with others (:func:`spectral_batch`, :func:`spatial_batch`): alone, its torch operations and
-#: Python steps would cost far more than its arithmetic (measured: 1.9 ms a tensor of 1x1x3x3 through the slabs)
+#: Python steps would cost far more than its arithmetic (docs/measurements.md)
 SMALL_BYTES = 1 << 18
 #: the most bytes of kernels (compute dtype, padded rows) in one batch of small tensors
 BATCH_BYTES = 1 << 20

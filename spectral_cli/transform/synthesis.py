@@ -36,8 +36,8 @@ class _RfftSynthesis(torch.autograd.Function):
     """``planes[0] @ synthesis[0] + planes[1] @ synthesis[1]`` with a backward of one batched product.
 
     Autograd's own backward of the two products fills two zero tensors of the whole ``(2, R, n)`` shape, copies
-    each plane's gradient into one and adds them. Measured on an H100 (benchmarks/train_step.py, preset gpu):
-    the training step of the default basis went from 1.027x to 1.017x eager, 1.021x to 1.017x compiled.
+    each plane's gradient into one and adds them, a cost the training step of the default basis shows
+    (docs/measurements.md).
     """
 
     generate_vmap_rule = True
