@@ -382,6 +382,7 @@ def test_an_output_name_past_name_max_is_one_line_that_names_it_and_the_fix(tmp_
         ("balle.pt", signal_while_writing(signal.SIGTERM), 143, "SIGTERM"),
         ("balle.pt", signal_while_writing(signal.SIGHUP), 129, "SIGHUP"),
         ("balle.safetensors", signal_while_writing(signal.SIGTERM), 143, "SIGTERM"),
+        ("balle.safetensors", lambda work: faulty(pwrite=lambda fd, data, offset: 0), 1, "accepted none"),
     ],
     ids=[
         "pt-disk-full",
@@ -392,11 +393,20 @@ def test_an_output_name_past_name_max_is_one_line_that_names_it_and_the_fix(tmp_
         "pt-sigterm",
         "pt-sighup",
         "safetensors-sigterm",
+        "safetensors-no-progress",
     ],
 )
-def test_failure_while_writing_leaves_nothing(tmp_path: Path, sample: str, fault: Fault, code: int, says: str) -> None:
+def test_failure_while_writing_leaves_nothing(
+    tmp_path: Path, sample: str, fault: Fault, code: int, says: str, request: pytest.FixtureRequest
+) -> None:
     """A refused write is exit 1 naming the output and the fix; a signal is 128 + its number, not an internal
     error (torch.save turns its writer's exceptions into a RuntimeError: the writer's own error is raised)."""
+    # a run started with signals ignored (`pytest &` in a script) would have spectral keep them ignored, as it
+    # rightly does: the signal sent below would then never stop it
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            request.addfinalizer(functools.partial(signal.signal, signum, signal.signal(signum, default)))
     work = copy_samples(tmp_path, [sample])
     source = work / sample
     out = work / ("out" + source.suffix)

@@ -249,6 +249,8 @@ class OutFile:
         try:
             while view:
                 n = self.syscalls.pwrite(self.fd, view, offset)
+                if n <= 0:  # no progress: a retry would spin forever
+                    raise OSError(errno.EIO, "the file system accepted none of the bytes")
                 view, offset = view[n:], offset + n
         except OSError as e:
             raise output_error(self.target, e) from None
