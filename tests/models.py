@@ -13,7 +13,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -258,11 +257,10 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now: the rendezvous of a distributed test run."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def rendezvous(directory: Path) -> str:
+    """The ``init_method`` of a distributed test run: a file in ``directory``, so that no TCP port is chosen ahead
+    of time (a free port found by one process can be taken by another before the ranks bind it)."""
+    return f"file://{directory / 'rendezvous'}"
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:

@@ -4,7 +4,6 @@ loaded into a registered model after ``dcp.load``, baked back; and DCP directori
 from __future__ import annotations
 
 import datetime
-import os
 import pickle
 import warnings
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import check_inspect_json, free_port, listing, one_line, parse_json, rel_err, spectral
+from models import check_inspect_json, listing, one_line, parse_json, rel_err, rendezvous, spectral
 from torch import nn
 
 from spectral_cli import load_spectral, register_spectral_parametrization
@@ -30,16 +29,17 @@ def build(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, (3, 5), padding=(1, 2)))
 
 
-def _fsdp2_worker(rank: int, port: int, out: str) -> None:
+def _fsdp2_worker(rank: int, init_method: str, out: str) -> None:
     """Two Adam steps under FSDP2 (plain convs), then dcp.save of the model and optimizer, and the full weights."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120)
+    )
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         model = build()
@@ -67,7 +67,7 @@ def fsdp2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, di
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("dcp")
-    mp.spawn(_fsdp2_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_fsdp2_worker, args=(rendezvous(out), str(out)), nprocs=WORLD, join=True)
     return out / "ckpt", torch.load(out / "full.pt", weights_only=True)
 
 

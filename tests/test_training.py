@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import os
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.utils.parametrize as parametrize
-from models import free_port, rel_err
+from models import rel_err, rendezvous
 from torch import nn
 
 from spectral_cli import SpectralParametrization, register_spectral_parametrization
@@ -178,17 +177,18 @@ def _train(model: nn.Module, rank: int, world: int, device: str) -> None:
         opt.step()
 
 
-def _distributed_worker(rank: int, port: int, out: str, device: str) -> None:
+def _distributed_worker(rank: int, init_method: str, out: str, device: str) -> None:
     """One rank: DDP, then FSDP2, each from the same initial model; results (or the error) saved per rank."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two processes on a small machine
     backend, kind = ("nccl", "cuda") if device == "cuda" else ("gloo", "cpu")
     if kind == "cuda":
         device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120)
+    )
     results: dict[str, Any] = {}
     try:
         for mode in ("ddp", "fsdp2"):
@@ -233,7 +233,7 @@ def distributed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
     device = request.param
     out = tmp_path_factory.mktemp(f"dist-{device}")
-    mp.spawn(_distributed_worker, args=(free_port(), str(out), device), nprocs=WORLD, join=True)
+    mp.spawn(_distributed_worker, args=(rendezvous(out), str(out), device), nprocs=WORLD, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     reference = build(dtype=torch.float64, device=device)
     _train(reference, 0, 1, device)
@@ -276,7 +276,7 @@ def build4(seed: int = 0) -> nn.Module:
     return model
 
 
-def _fsdp4_worker(rank: int, port: int, out: str) -> None:
+def _fsdp4_worker(rank: int, init_method: str, out: str) -> None:
     """Each rank trains with and without the placement; saves its local spectral bytes and the full parameters."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -284,9 +284,10 @@ def _fsdp4_worker(rank: int, port: int, out: str) -> None:
 
     from spectral_cli import spectral_shard_placement
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD4, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=WORLD4, timeout=datetime.timedelta(seconds=120)
+    )
     results: dict[str, Any] = {}
     try:
         mesh = init_device_mesh("cpu", (WORLD4,))
@@ -315,7 +316,7 @@ def test_fsdp2_on_four_ranks_spreads_the_rfft_coefficients(tmp_path: Path) -> No
     spectral_shard_placement every rank holds a quarter, and training gives one process's parameters."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp4_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD4, join=True)
+    mp.spawn(_fsdp4_worker, args=(rendezvous(tmp_path), str(tmp_path)), nprocs=WORLD4, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD4)]
     assert all("error" not in r for r in ranks), next(r["error"] for r in ranks if "error" in r)
     reference = build4()
