@@ -37,7 +37,7 @@ _EXPORTS = {
     "convert_file": "files.convert",
     "bake_file": "files.convert",
     "inspect_file": "files.listing",
-    "FileReport": "files.convert",
+    "FileReport": "files.report",
     "InspectReport": "files.listing",
     "SurgeryResult": "statedict.surgery",
     "LayerChange": "statedict.surgery",
@@ -79,9 +79,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .errors import AmbiguousKernelSizeError, SpectralError
-    from .files.convert import FileReport, bake_file, convert_file
+    from .files.convert import bake_file, convert_file
     from .files.listing import InspectReport, inspect_file
     from .files.load import Loaded, load_spectral
+    from .files.report import FileReport
     from .parametrization import (
         Registration,
         SpectralParametrization,

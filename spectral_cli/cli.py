@@ -26,7 +26,8 @@ from rich.markup import escape
 from . import __version__, console
 
 if TYPE_CHECKING:
-    from .files.convert import FileReport, Options
+    from .files.convert import Options
+    from .files.report import FileReport
 
 app = typer.Typer(
     name="spectral",

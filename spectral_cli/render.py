@@ -58,8 +58,8 @@ from rich.cells import cell_len, get_character_cell_size
 from .statedict.keys import layer_of
 
 if TYPE_CHECKING:
-    from .files.convert import FileReport
     from .files.listing import InspectReport
+    from .files.report import FileReport
 
 SCHEMA = 1
 

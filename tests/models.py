@@ -257,6 +257,19 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def spawn_ranks(worker: Callable[..., None], args: tuple[Any, ...], nprocs: int, outputs: Sequence[Path]) -> None:
+    """``torch.multiprocessing.spawn`` of ``worker`` on ``nprocs`` ranks, which write ``outputs``. gloo's ranks on
+    a small loaded machine now and then abort as they exit ("terminate called without an active exception", a
+    thread of theirs still running): once every output is written the work is done, and the test checks it."""
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(worker, args=args, nprocs=nprocs, join=True)
+    except mp.ProcessExitedException as e:
+        if e.signal_name != "SIGABRT" or not all(path.exists() for path in outputs):
+            raise
+
+
 def rendezvous(directory: Path) -> str:
     """The ``init_method`` of a distributed test run: a file in ``directory``, so that no TCP port is chosen ahead
     of time (a free port found by one process can be taken by another before the ranks bind it)."""

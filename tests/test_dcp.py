@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import check_inspect_json, listing, one_line, parse_json, rel_err, rendezvous, spectral
+from models import check_inspect_json, listing, one_line, parse_json, rel_err, rendezvous, spawn_ranks, spectral
 from torch import nn
 
 from spectral_cli import load_spectral, register_spectral_parametrization
@@ -64,10 +64,8 @@ def _fsdp2_worker(rank: int, init_method: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def fsdp2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("dcp")
-    mp.spawn(_fsdp2_worker, args=(rendezvous(out), str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_fsdp2_worker, (rendezvous(out), str(out)), WORLD, [out / "full.pt"])
     return out / "ckpt", torch.load(out / "full.pt", weights_only=True)
 
 

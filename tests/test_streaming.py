@@ -30,7 +30,8 @@ import spectral_cli.files.safetensors_io as safetensors_io
 import spectral_cli.transform.bases as bases
 from spectral_cli.files.atomic import Output
 from spectral_cli.files.checkpoint import Io
-from spectral_cli.files.convert import FileReport, Options, bake, convert
+from spectral_cli.files.convert import Options, bake, convert
+from spectral_cli.files.report import FileReport
 from spectral_cli.files.syscalls import SYSCALLS
 from spectral_cli.statedict.records import METADATA_KEY, parse_records
 from spectral_cli.statedict.surgery import LayerChange, bake_state_dict, convert_state_dict

@@ -23,8 +23,8 @@ from rich.cells import cell_len
 from safetensors.torch import load_file, save_file
 
 from spectral_cli import cli, render
-from spectral_cli.files.convert import FileReport
 from spectral_cli.files.listing import InspectReport
+from spectral_cli.files.report import FileReport
 from spectral_cli.statedict.plan import LayerInfo, Skipped
 from spectral_cli.statedict.surgery import LayerChange
 

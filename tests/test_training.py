@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.utils.parametrize as parametrize
-from models import rel_err, rendezvous
+from models import rel_err, rendezvous, spawn_ranks
 from torch import nn
 
 from spectral_cli import SpectralParametrization, register_spectral_parametrization
@@ -229,11 +229,12 @@ def _distributed_worker(rank: int, init_method: str, out: str, device: str) -> N
 )
 def distributed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Both modes trained once by two spawned processes, and the single-process reference."""
-    import torch.multiprocessing as mp
 
     device = request.param
     out = tmp_path_factory.mktemp(f"dist-{device}")
-    mp.spawn(_distributed_worker, args=(rendezvous(out), str(out), device), nprocs=WORLD, join=True)
+    spawn_ranks(
+        _distributed_worker, (rendezvous(out), str(out), device), WORLD, [out / f"rank{r}.pt" for r in range(WORLD)]
+    )
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     reference = build(dtype=torch.float64, device=device)
     _train(reference, 0, 1, device)
@@ -314,9 +315,9 @@ def _fsdp4_worker(rank: int, init_method: str, out: str) -> None:
 def test_fsdp2_on_four_ranks_spreads_the_rfft_coefficients(tmp_path: Path) -> None:
     """fully_shard splits dim 0, the rfft planes: 2 of 4 ranks held nothing of those layers. With
     spectral_shard_placement every rank holds a quarter, and training gives one process's parameters."""
-    import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp4_worker, args=(rendezvous(tmp_path), str(tmp_path)), nprocs=WORLD4, join=True)
+    outputs = [tmp_path / f"rank{r}.pt" for r in range(WORLD4)]
+    spawn_ranks(_fsdp4_worker, (rendezvous(tmp_path), str(tmp_path)), WORLD4, outputs)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD4)]
     assert all("error" not in r for r in ranks), next(r["error"] for r in ranks if "error" in r)
     reference = build4()

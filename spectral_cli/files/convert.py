@@ -28,24 +28,22 @@ import contextlib
 import functools
 import gc
 import glob
-import math
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ..errors import NothingToDoError, SpectralError, in_file
-from ..statedict.plan import Plan, Skipped, Step, plan_bake, plan_convert, skip_fixes
-from ..statedict.surgery import Batches, Changes, LayerChange, assemble
+from ..statedict.plan import Plan, Step, plan_bake, plan_convert, skip_fixes
+from ..statedict.surgery import Batches, Changes, assemble
 from ..transform.kernels import DEFAULT_BASIS
 from ..transform.slabs import Scratch
 from .atomic import Output
 from .checkpoint import Io, Planned, Sink, Source, StoredStateDict, Tick, Writing
 from .formats import check_output, default_output, refuse_adapter, writer_format
-from .optimizer_state import OptimizerReport
 from .registry import format_of, open_source
-from .verify import Verified, verify_output
+from .report import FileReport, measured_on_disk, skip_summary, warn_nonfinite
+from .verify import verify_output
 
 #: ``progress(bytes_done, bytes_total, tensors_done, tensors_total)``, called as a safetensors output is written
 Progress = Callable[[int, int, int, int], None]
@@ -71,27 +69,6 @@ class Options:
     #: write safetensors shards of at most this many bytes, and an index
     max_shard_size: int | None = None
     progress: Progress | None = None
-
-
-@dataclass
-class FileReport:
-    """What convert or bake did to a file. Each change and skip comes with its location: the container keys of
-    the state dict it belongs to (``"state_dict"``; ``""`` for a bare state dict)."""
-
-    source: Path
-    target: Path | None
-    input_format: str
-    output_format: str | None
-    changed: list[tuple[str, LayerChange]] = field(default_factory=list)
-    skipped: list[tuple[str, Skipped]] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-    #: what became of each optimizer state the input holds
-    optimizer: list[OptimizerReport] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    written: bool = False
-    #: tensors of the output read back and compared with the input before it was renamed into place
-    verified: int = 0
-    message: str = ""
 
 
 def convert_file(
@@ -153,7 +130,7 @@ def convert(path: Path, options: Options, io: Io | None = None) -> FileReport:
             return report
         raise NothingToDoError(
             f"{path}: no convertible conv kernels (float weights of rank 3 to 5 with more "
-            f"than one tap){_skip_summary(report)}; nothing to convert"
+            f"than one tap){skip_summary(report)}; nothing to convert"
         )
     return report
 
@@ -162,7 +139,7 @@ def bake(path: Path, options: Options, io: Io | None = None) -> FileReport:
     """:func:`bake_file` with its options in one object, and ``io`` as for :func:`convert`."""
     report = _transform("bake", path, options, io or Io())
     if not report.changed:
-        raise NothingToDoError(f"{path}: no spectral tensors{_skip_summary(report)}; nothing to bake")
+        raise NothingToDoError(f"{path}: no spectral tensors{skip_summary(report)}; nothing to bake")
     return report
 
 
@@ -226,23 +203,15 @@ def _transform_file(action: Action, path: Path, options: Options, io: Io) -> Fil
                         verified = verify_output(src, written, plans, sink.target, scratch, dropped=sink.dropped,
                                                  replaced=sink.replaced, trust_pickle=options.trust_pickle,
                                                  syscalls=io.syscalls)  # fmt: skip
-                        _measured_on_disk(report, verified)
+                        measured_on_disk(report, verified)
 
                     out.commit(check)
                 report.written = True
     steps = [(part.label, step.source_key) for part, plan in plans for step in plan.steps]
     order = {step: i for i, step in enumerate(steps)}
     report.changed.sort(key=lambda done: order[done[0], done[1].source_key])  # in the input's order
-    _warn_nonfinite(report)
+    warn_nonfinite(report)
     return report
-
-
-def _measured_on_disk(report: FileReport, verified: Verified) -> None:
-    """The report's errors are those measured on the written output (and it says how many tensors were read back)."""
-    report.verified = verified.tensors
-    report.changed = [
-        (where, LayerChange.of(change, verified.errors[where, change.source_key])) for where, change in report.changed
-    ]
 
 
 def _planned(action: Action, path: Path, part: StoredStateDict, options: Options) -> Plan:
@@ -290,27 +259,3 @@ def _ticker(progress: Progress | None, sink: Sink) -> Tick:
             progress(done, sink.total_bytes, tensors, sink.total_tensors)
 
     return tick
-
-
-def _skip_summary(report: FileReport) -> str:
-    """``"; skipped: 1x1 kernel (3), excluded (1)"``: why the tensors that looked like kernels were left, then how
-    to convert those that can be (``"; to convert the pruned (weight_orig, weight_mask) ones, make ..."``)."""
-    reasons = Counter((s.reason, s.fix) for _, s in report.skipped)
-    if not reasons:
-        return ""
-    by_fix: dict[str, list[str]] = {}
-    for reason, fix in reasons:
-        if fix:
-            by_fix.setdefault(fix, []).append(reason)
-    said = ", ".join(f"{reason} ({n})" for (reason, _), n in reasons.most_common())
-    fixes = "".join(f"; to convert the {' and '.join(kinds)} ones, {fix}" for fix, kinds in by_fix.items())
-    return f"; skipped: {said}{fixes}"
-
-
-def _warn_nonfinite(report: FileReport) -> None:
-    for _, change in report.changed:
-        if not math.isfinite(change.max_error):
-            report.warnings.append(
-                f"{change.source_key}: holds NaN or Inf values; written anyway, and the transform spreads "
-                "them over every tap of the kernels that hold them"
-            )
