@@ -22,7 +22,7 @@ from ..statedict.plan import Plan, Step
 from ..statedict.surgery import Changes
 from .atomic import TEMP_NAME, OutFile, Output
 from .checkpoint import Planned, Reading, Run, Sink, Source, StoredStateDict, Tick, Writing
-from .formats import INDEX_SUFFIX, MODEL_DIR, SHARDED, TORCH, TORCH_LEGACY, kind_of, writer_format
+from .formats import INDEX_SUFFIX, MODEL_DIR, SAFETENSORS, SHARDED, kind_of, writer_format
 
 #: torch weight files a model directory may hold (other ``.bin`` files, such as ``training_args.bin``, are kept)
 TORCH_WEIGHTS = (".pt", ".pth", ".ckpt")
@@ -189,7 +189,7 @@ def sink(src: Source, plans: Planned, target: Path, writing: Writing) -> Sink:
             units.append((unit, None, unit_src))
             continue
         # --max-shard-size reshards a directory's safetensors units; its torch files are written as they were
-        sharded = writing.max_shard_size is not None and unit_src.format != TORCH and unit_src.format != TORCH_LEGACY
+        sharded = writing.max_shard_size is not None and unit_src.format in (SAFETENSORS, SHARDED)
         fmt = writer_format(unit_src.path, unit_src.format, target / unit, sharded=sharded)
         unit_target = target / unit.parent if fmt == SHARDED else target / unit
         units.append((unit, writing.sink_for(fmt).sink(unit_src, local, unit_target, writing), unit_src))
